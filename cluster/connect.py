@@ -1,0 +1,87 @@
+"""Connect to a Ray cluster, or start an embedded local Ray, with token authentication kept on.
+
+Ray 2.60 turns token auth on for local clusters: `ray start --head` (and a local `ray.init()`) write
+`~/.ray/auth_token`, and every client must present it. We never turn it off. A client connecting to
+a cluster finds the token in `$RAY_AUTH_TOKEN`, the file named by `$RAY_AUTH_TOKEN_PATH`, or
+`~/.ray/auth_token` (copy it from the head node with `ray get-auth-token`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+# An embedded Ray listens on loopback only: nothing of it is reachable from the network.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+class ClusterError(RuntimeError):
+    """Ray cannot be reached or authenticated against; the message says what to do."""
+
+
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    dashboard: bool = False,
+    namespace: str = "raydar",
+    log_to_driver: bool = True,
+) -> str:
+    """Join the cluster at `address` (or `$RAY_ADDRESS`), else start an embedded local Ray.
+
+    Returns the address of the cluster joined. Safe to call twice: an initialised Ray is reused.
+    """
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver, "namespace": namespace}
+    if address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ["RAY_AUTH_MODE"] == "token" and not auth_token_available():
+            raise ClusterError(
+                f"the Ray cluster at {address} needs its auth token: put it in ~/.ray/auth_token, or set "
+                "RAY_AUTH_TOKEN (the token) or RAY_AUTH_TOKEN_PATH (a file). On the head node, "
+                "`ray get-auth-token` prints it."
+            )
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as e:
+            raise ClusterError(f"cannot reach the Ray cluster at {address}: {e}") from None
+        except Exception as e:  # ray raises its AuthenticationError and RuntimeError variants
+            if "auth" in str(e).lower() or "token" in str(e).lower():
+                raise ClusterError(f"the Ray cluster at {address} refused our auth token: {e}") from None
+            raise
+        return address
+    _listen_on_loopback()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **quiet)
+    return ray.get_runtime_context().gcs_address
+
+
+def _listen_on_loopback() -> None:
+    """Make the embedded Ray bind 127.0.0.1. Ray reads this switch at import, so the already-imported
+    constant is set too; Ray's own processes read the environment variable when they start."""
+    os.environ.update(LOOPBACK_ENV)
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def auth_token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return Path(path).expanduser().is_file()
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def dashboard_url() -> str | None:
+    """The dashboard of the connected cluster, if it runs one."""
+    try:
+        url = ray.get_runtime_context().worker.node.address_info.get("webui_url")
+    except Exception:
+        return None
+    return f"http://{url}" if url and "://" not in url else url

@@ -1,0 +1,1 @@
+"""One module per `ray job submit` entry point: `python -m jobs.<stage> --spec <spec>`."""

@@ -1,0 +1,63 @@
+"""The `raydar` command: a thin layer over the job modules, which a user can also import.
+
+    raydar run --spec datasets/demo_cells.yaml        # the whole pipeline (the main job)
+    raydar label --spec datasets/demo_cells.yaml      # one stage
+    raydar teacher serve --ground-truth DIR           # the simulated teacher, for offline work
+    raydar demo make --out DIR --n 200                # the synthetic demo images
+    raydar spec check datasets/*.yaml                 # validate specs
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: raydar <command> [options]\n\n" + USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from jobs.pipeline import main as run
+    elif command == "label":
+        from jobs.label import main as run
+    elif command == "teacher" and rest[:1] == ["serve"]:
+        from raydar.teacher.simulated import main as run
+
+        rest = rest[1:]
+    elif command == "demo" and rest[:1] == ["make"]:
+        from raydar.demo import main as run
+
+        rest = rest[1:]
+    elif command == "spec" and rest[:1] == ["check"]:
+        run, rest = check_specs, rest[1:]
+    else:
+        print(f"raydar: unknown command {' '.join(argv[:2])!r}\n\nusage: raydar <command> [options]\n\n{USAGE}",
+              file=sys.stderr)
+        return 2
+    return run(rest) or 0
+
+
+def check_specs(paths: list[str]) -> int:
+    """Validate each spec file; print what is wrong with each bad one."""
+    from raydar.spec import SpecError, load_spec
+
+    if not paths:
+        print("usage: raydar spec check SPEC.yaml [...]", file=sys.stderr)
+        return 2
+    bad = 0
+    for path in paths:
+        try:
+            spec = load_spec(path)
+            print(f"ok    {path}: {spec.name} ({spec.task.kind}, teacher {spec.teacher.kind}:{spec.teacher.model})")
+        except SpecError as e:
+            bad += 1
+            print(f"error {e}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Label a dataset's images with its teacher, on Ray Data.
+
+    raydar label --spec datasets/demo_cells.yaml
+    ray job submit --working-dir . -- python -m jobs.label --spec datasets/demo_cells.yaml
+
+Reads images from a folder or any pyarrow filesystem URI; decodes, applies EXIF orientation,
+validates (a bad image becomes a failed row with its reason), resizes to `images.max_pixels` and
+hashes them; asks the teacher with bounded concurrency per actor and one rate for the whole job;
+writes labelled Parquet under `<storage>/<name>/labels/` with a manifest. Labels are cached by
+(image sha256, teacher fingerprint): a re-run asks only for what is not stored yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import datetime as dt
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from tqdm import tqdm
+
+from cluster import StorageRoot, connect
+from cluster.storage import list_files
+from raydar.demo import GROUND_TRUTH_FILE, make_demo_cells
+from raydar.images import ImageProblem, encode_image, image_id, prepare_image
+from raydar.labels import LABEL_SCHEMA, LabelStore
+from raydar.spec import DatasetSpec, SpecError, load_spec
+from raydar.tasks import task_kind
+from raydar.teacher.client import TeacherClient, teacher_fingerprint
+from raydar.teacher.ratelimit import RateLimiter
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = load_spec(args.spec, overrides=dict(args.set))
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    storage = StorageRoot(args.storage)
+    connect(args.address)
+    result = label_images(spec, storage, limit=args.limit, progress=not args.quiet)
+    print(result.summary())
+    return 0 if result.ok_total or not result.images else 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="raydar label", description=__doc__.split("\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--limit", type=int, default=None, help="Label only the first N images (sorted by path).")
+    return parser.parse_args(argv)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--spec, --storage, --address, --set, --quiet: shared by every job."""
+    parser.add_argument("--spec", required=True, help="Dataset spec (YAML).")
+    parser.add_argument(
+        "--storage", default=None, help="Storage root: folder or URI (default: $RAYDAR_STORAGE or ~/.raydar)."
+    )
+    parser.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray).")
+    parser.add_argument(
+        "--set", action="append", default=[], type=_override, metavar="FIELD=VALUE",
+        help="Override a spec field, e.g. --set teacher.concurrency=8. Repeatable.",
+    )
+    parser.add_argument("--quiet", action="store_true", help="No progress bar.")
+
+
+def _override(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class LabelResult:
+    dataset: str
+    run_id: str
+    fingerprint: str
+    images: int = 0
+    ok_new: int = 0
+    cached: int = 0
+    failed: int = 0
+    gave_up: int = 0
+    requests: int = 0
+    failures: collections.Counter = field(default_factory=collections.Counter)
+    duration_s: float = 0.0
+    output: str = ""
+
+    @property
+    def ok_total(self) -> int:
+        return self.ok_new + self.cached
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in self.failures.most_common()) or "none"
+        rate = self.images / self.duration_s if self.duration_s else 0.0
+        return (
+            f"{self.dataset}: {self.images} images -> {self.ok_total} labelled ({self.ok_new} new, "
+            f"{self.cached} cached), {self.failed} failed ({reasons}), {self.gave_up} given up; "
+            f"{self.requests} teacher requests in {self.duration_s:.1f} s ({rate:.1f} images/s) -> {self.output}"
+        )
+
+    def manifest(self, spec: DatasetSpec, started: float) -> dict:
+        return {
+            "dataset": self.dataset,
+            "run_id": self.run_id,
+            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+            "duration_s": round(self.duration_s, 3),
+            "teacher": {"kind": spec.teacher.kind, "model": spec.teacher.model, "fingerprint": self.fingerprint},
+            "counts": {
+                "images": self.images,
+                "ok": self.ok_total,
+                "ok_new": self.ok_new,
+                "cached": self.cached,
+                "failed": self.failed,
+                "gave_up": self.gave_up,
+                "teacher_requests": self.requests,
+            },
+            "failures": dict(self.failures),
+            "output": self.output,
+        }
+
+
+def label_images(
+    spec: DatasetSpec,
+    storage: StorageRoot,
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+    flush_rows: int = 256,
+    flush_s: float = 2.0,
+) -> LabelResult:
+    """Label every image of `spec` not yet labelled under its teacher fingerprint. Ray must be up."""
+    started = time.time()
+    root = storage.child(spec.name)
+    source = resolve_source(spec, root)
+    kind = task_kind(spec.task, spec.teacher.coordinates)
+    fingerprint = teacher_fingerprint(spec.teacher, kind, spec.images.max_pixels)
+    store = LabelStore(root.child("labels"))
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    result = LabelResult(spec.name, run_id, fingerprint)
+
+    fs, paths, prefix = list_files(source, spec.images.extensions)
+    paths = paths[:limit] if limit else paths
+    if not paths:
+        raise FileNotFoundError(f"{source}: no images with suffix {' '.join(spec.images.extensions)}")
+    result.images = len(paths)
+    index = ray.put(store.cache_index(fingerprint))
+
+    with teacher_endpoint(spec, source) as base_url:
+        limiter = RateLimiter(spec.teacher.rate_per_s) if spec.teacher.rate_per_s else None
+        ds = ray.data.read_binary_files(
+            paths, filesystem=fs, include_paths=True, override_num_blocks=_num_blocks(len(paths), spec.teacher.actors),
+            num_cpus=0.25,  # reading is I/O; leave the cores to decoding
+        )
+        ds = ds.map_batches(
+            PrepareImages,
+            fn_constructor_kwargs={"spec": spec, "cache_index": index, "uri_prefix": prefix},
+            batch_size=32,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
+            num_cpus=0.5,
+        )
+        ds = ds.map_batches(
+            AskTeacher,
+            fn_constructor_kwargs={"spec": spec, "base_url": base_url, "rate_limiter": limiter,
+                                   "fingerprint": fingerprint, "run_id": run_id},
+            batch_size=max(4, spec.teacher.concurrency // 2),
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=spec.teacher.actors),
+            num_cpus=0.25,
+        )
+        writer = _LogWriter(store, run_id, flush_rows, flush_s)
+        bar = tqdm(total=len(paths), desc=f"label {spec.name}", unit="img", disable=not progress, file=sys.stderr)
+        try:
+            with _sigterm_as_interrupt():
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    result = _count(result, batch)
+                    writer.add(batch.filter(pc.is_in(batch["outcome"], pa.array(["ok", "failed"]))))
+                    bar.update(batch.num_rows)
+                    bar.set_postfix(ok=result.ok_total, failed=result.failed, cached=result.cached, refresh=False)
+        finally:
+            writer.flush()  # whatever was answered is kept, also on Ctrl-C or `ray job stop`
+            bar.close()
+            if limiter is not None:
+                limiter.shutdown()
+
+    store.write_snapshot(fingerprint)
+    result.output = root.uri_of("labels", "labels.parquet")
+    result.duration_s = time.time() - started
+    store.write_manifest(result.manifest(spec, started))
+    return result
+
+
+def _num_blocks(n_images: int, actors: int) -> int:
+    """Enough blocks to keep every actor busy and stream results early; few enough to stay cheap."""
+    return max(1, min(n_images, 200, max(4 * actors, n_images // 32)))
+
+
+def _count(result: LabelResult, batch: pa.Table) -> LabelResult:
+    outcomes = batch["outcome"].to_pylist()
+    c = collections.Counter(outcomes)
+    result.ok_new += c["ok"]
+    result.cached += c["cached"]
+    result.failed += c["failed"]
+    result.gave_up += c["gave_up"]
+    result.requests += sum(batch["requests"].to_pylist())
+    for outcome, error in zip(outcomes, batch["error"].to_pylist()):
+        if outcome == "failed":
+            result.failures[error.split(":", 1)[0]] += 1
+    return result
+
+
+class _LogWriter:
+    """Buffers answered rows and appends them to the label log every `rows` rows or `seconds`."""
+
+    def __init__(self, store: LabelStore, run_id: str, rows: int, seconds: float) -> None:
+        self.store, self.run_id, self.rows, self.seconds = store, run_id, rows, seconds
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
+        self.seq = 0
+        self.last = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table.select(LABEL_SCHEMA.names))
+            self.n_pending += table.num_rows
+        if self.n_pending >= self.rows or (self.pending and time.monotonic() - self.last >= self.seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.store.append(pa.concat_tables(self.pending), self.run_id, self.seq)
+            self.seq += 1
+        self.pending, self.n_pending, self.last = [], 0, time.monotonic()
+
+
+class _sigterm_as_interrupt:
+    """`ray job stop` sends SIGTERM: turn it into KeyboardInterrupt so buffered rows are flushed."""
+
+    def __enter__(self):
+        self.previous = None
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ---------------------------------------------------------------- images and teacher
+
+
+def resolve_source(spec: DatasetSpec, root: StorageRoot) -> str:
+    """The folder or URI of the images; synthetic ones are made on first use under the storage root."""
+    if spec.images.uri:
+        return spec.resolve_uri(spec.images.uri)
+    gen = spec.images.generate
+    folder = root.child("source", f"{gen.kind}-n{gen.n}-s{gen.size}-seed{gen.seed}")
+    if folder.exists(GROUND_TRUTH_FILE):
+        return folder.uri
+    if folder.is_local:
+        make_demo_cells(folder.path, gen.n, gen.size, gen.seed)
+        return folder.uri
+    with tempfile.TemporaryDirectory() as tmp:  # a remote root: make locally, then upload
+        made = make_demo_cells(tmp, gen.n, gen.size, gen.seed)
+        for path in sorted(made.iterdir(), key=lambda p: p.name == GROUND_TRUTH_FILE):
+            folder.write_bytes(path.read_bytes(), path.name)  # ground truth last: it marks "complete"
+    return folder.uri
+
+
+class teacher_endpoint:
+    """The teacher's base URL; for `kind: simulated` without one, a simulator on 127.0.0.1 for this run."""
+
+    def __init__(self, spec: DatasetSpec, source: str) -> None:
+        self.spec, self.source = spec, source
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> str | None:
+        t = self.spec.teacher
+        if t.kind != "simulated" or t.base_url:
+            return t.base_url
+        if "://" in self.source or not (Path(self.source) / GROUND_TRUTH_FILE).is_file():
+            raise SpecError(
+                f"{self.spec.source_file}: teacher.kind is simulated but {self.source} has no {GROUND_TRUTH_FILE}; "
+                "the simulator answers only for images with ground truth (or set teacher.base_url)"
+            )
+        s = t.simulated
+        cmd = [
+            sys.executable, "-m", "raydar.teacher.simulated", "--ground-truth", self.source, "--port", "0",
+            "--host", s.host, "--latency", str(s.latency_s), "--max-concurrency", str(s.max_concurrency),
+            "--miss-rate", str(s.miss_rate), "--false-positives", str(s.false_positives),
+            "--jitter", str(s.jitter), "--label-flip-rate", str(s.label_flip_rate), "--seed", str(s.seed),
+            "--coordinates", t.coordinates,
+        ]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        line = self.process.stdout.readline()
+        if "listening on " not in line:
+            self.process.kill()
+            raise RuntimeError(f"the simulated teacher did not start (exit {self.process.wait()})")
+        return line.rsplit("listening on ", 1)[1].strip()
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class PrepareImages:
+    """Decode, validate, resize and hash; mark images already labelled (or given up on)."""
+
+    def __init__(self, spec: DatasetSpec, cache_index, uri_prefix: str) -> None:
+        self.spec = spec
+        self.index = ray.get(cache_index) if isinstance(cache_index, ray.ObjectRef) else cache_index
+        self.prefix = uri_prefix
+
+    def __call__(self, batch: dict) -> dict:
+        out = collections.defaultdict(list)
+        images = self.spec.images
+        for data, path in zip(batch["bytes"], batch["path"]):
+            row = {"source_uri": self.prefix + path, "error": "", "payload": b"", "sent_width": 0, "sent_height": 0}
+            try:
+                prepared = prepare_image(bytes(data), images.max_pixels, images.max_image_pixels)
+                row.update(image_id=prepared.image_id, width=prepared.width, height=prepared.height)
+            except ImageProblem as e:
+                prepared = None
+                row.update(image_id=image_id(bytes(data)), width=0, height=0, error=str(e))
+            entry = self.index.get(row["image_id"])
+            if entry is not None and entry.ok:
+                row["state"] = "cached"
+            elif entry is not None and entry.failed_runs >= self.spec.teacher.max_failed_runs:
+                row["state"] = "gave_up"
+            elif prepared is None:
+                row["state"] = "bad"
+            else:
+                row["state"] = "todo"
+                row["payload"] = encode_image(prepared.image, self.spec.teacher.image_format)
+                row["sent_width"], row["sent_height"] = prepared.image.size
+            row["split"] = self.spec.split.split_of(row["image_id"])
+            for k, v in row.items():
+                out[k].append(v)
+        return dict(out)
+
+
+class AskTeacher:
+    """Asks the teacher about each image to do, many at once; emits one row per image."""
+
+    def __init__(self, spec: DatasetSpec, base_url: str | None, rate_limiter, fingerprint: str, run_id: str) -> None:
+        self.spec = spec
+        self.kind = task_kind(spec.task, spec.teacher.coordinates)
+        self.base_url, self.rate_limiter = base_url, rate_limiter
+        self.fingerprint, self.run_id = fingerprint, run_id
+        self.client: TeacherClient | None = None
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.client is None:  # built on the actor's event loop, once
+            self.client = TeacherClient(self.spec.teacher, self.kind, base_url=self.base_url,
+                                        rate_limiter=self.rate_limiter)
+        rows = batch.to_pylist()
+        answers = await asyncio.gather(*[self._one(r) for r in rows])
+        return pa.Table.from_pylist(answers, schema=_OUTPUT_SCHEMA)
+
+    async def _one(self, row: dict) -> dict:
+        out = {
+            "image_id": row["image_id"], "source_uri": row["source_uri"], "width": row["width"],
+            "height": row["height"], "split": row["split"], "task": self.kind.name, "label": None,
+            "teacher_model": self.spec.teacher.model, "teacher_fingerprint": self.fingerprint,
+            "raw_answer": "", "status": "failed", "error": row["error"], "attempts": 0, "latency_s": 0.0,
+            "labelled_at": dt.datetime.now(dt.timezone.utc), "run_id": self.run_id, "requests": 0,
+        }
+        state = row["state"]
+        if state in ("cached", "gave_up"):
+            return {**out, "outcome": state, "status": ""}
+        if state == "bad":
+            return {**out, "outcome": "failed"}
+        answer = await self.client.label(row["payload"], row["sent_width"], row["sent_height"])
+        out.update(
+            raw_answer=answer.raw, attempts=answer.attempts, latency_s=answer.latency_s, requests=answer.attempts,
+            labelled_at=dt.datetime.now(dt.timezone.utc),
+        )
+        if answer.ok:
+            out.update(status="ok", label=json.dumps(answer.label), outcome="ok")
+        else:
+            out.update(error=answer.error, outcome="failed")
+        return out
+
+
+_OUTPUT_SCHEMA = LABEL_SCHEMA.append(pa.field("outcome", pa.string())).append(pa.field("requests", pa.int32()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""The dataset spec: one YAML file describes a use case end to end.
+
+A spec names the task kind and its ontology, where the images are, how they are split, which teacher
+labels them, and the student, knowledge-base and serving settings that later stages read. It is
+validated once, at the edge; an invalid spec fails with the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASK_KINDS = ("points", "boxes", "caption", "multilabel", "regression")
+
+
+class SpecError(ValueError):
+    """A dataset spec that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- task kinds
+
+
+class OntologyClass(_Strict):
+    description: str = Field(description="What the class looks like; goes into the teacher's prompt.")
+    aliases: list[str] = Field(default_factory=list, description="Other names a teacher may answer with.")
+
+
+class _TaskBase(_Strict):
+    instruction: str = Field(description="The task in one or two sentences, as the teacher should read it.")
+    prompt: str | None = Field(
+        default=None,
+        description="Full teacher prompt; default: built from the instruction, ontology and answer format.",
+    )
+
+
+class _ClassTask(_TaskBase):
+    ontology: dict[str, OntologyClass] = Field(description="Class name -> description and aliases.")
+
+    @field_validator("ontology")
+    @classmethod
+    def _ontology_not_empty(cls, value: dict[str, OntologyClass]) -> dict[str, OntologyClass]:
+        if not value:
+            raise ValueError("needs at least one class")
+        return value
+
+
+class PointsTask(_ClassTask):
+    kind: Literal["points"]
+    match_radius: float = Field(
+        default=0.03, gt=0, le=0.5, description="Match radius for metrics and fusion, fraction of the image diagonal."
+    )
+
+
+class BoxesTask(_ClassTask):
+    kind: Literal["boxes"]
+    describe_objects: bool = Field(default=True, description="Ask for a description of each object.")
+    questions_per_image: int = Field(default=0, ge=0, description="Q&A pairs to ask the teacher for.")
+    iou_threshold: float = Field(default=0.5, gt=0, lt=1, description="IoU for fusion of boxes.")
+
+
+class CaptionTask(_ClassTask):
+    """The ontology lists the entities; a caption must name the entity shown."""
+
+    kind: Literal["caption"]
+    max_words: int = Field(default=60, gt=0, description="Upper bound on caption length asked of the teacher.")
+
+
+class MultilabelTask(_ClassTask):
+    kind: Literal["multilabel"]
+    threshold: float = Field(default=0.5, gt=0, lt=1, description="Probability above which a class is present.")
+
+
+class RegressionTarget(_Strict):
+    description: str
+    unit: str = ""
+    min: float = 0.0
+    max: float = Field(description="Largest plausible value; used to normalise targets.")
+
+    @model_validator(mode="after")
+    def _range(self) -> RegressionTarget:
+        if self.max <= self.min:
+            raise ValueError(f"max ({self.max}) must be greater than min ({self.min})")
+        return self
+
+
+class RegressionTask(_TaskBase):
+    kind: Literal["regression"]
+    targets: dict[str, RegressionTarget] = Field(description="Target name -> description, unit and range.")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_not_empty(cls, value: dict[str, RegressionTarget]) -> dict[str, RegressionTarget]:
+        if not value:
+            raise ValueError("needs at least one target")
+        return value
+
+
+TaskSpec = Annotated[
+    Union[PointsTask, BoxesTask, CaptionTask, MultilabelTask, RegressionTask], Field(discriminator="kind")
+]
+
+
+# ---------------------------------------------------------------- images, split
+
+
+class DemoGenerator(_Strict):
+    """Synthetic images made on first use, for demos and tests (no download)."""
+
+    kind: Literal["demo_cells"] = "demo_cells"
+    n: int = Field(default=200, gt=0, description="Number of images.")
+    size: int = Field(default=224, ge=32, le=2048, description="Side of each square image, pixels.")
+    seed: int = 0
+
+
+class ImageSource(_Strict):
+    uri: str | None = Field(
+        default=None,
+        description="Folder or URI (s3://, gs://, file://) of the images. Relative paths are relative to the spec "
+        "file. Empty with `generate`: the images are made under the storage root.",
+    )
+    generate: DemoGenerator | None = None
+    extensions: list[str] = Field(
+        default=[".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"],
+        description="Files with these suffixes are read; others are ignored.",
+    )
+    max_pixels: int = Field(
+        default=401_408,
+        gt=0,
+        description="Images are resized to at most this many pixels before the teacher sees them; "
+        "lower is cheaper and faster, loses detail.",
+    )
+    max_image_pixels: int = Field(
+        default=50_000_000,
+        gt=0,
+        description="Larger images are rejected unread (a failed row), which stops decompression bombs.",
+    )
+
+    @model_validator(mode="after")
+    def _uri_or_generate(self) -> ImageSource:
+        if self.uri is None and self.generate is None:
+            raise ValueError("set `uri` (a folder or URI of images) or `generate`")
+        return self
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lowercase(cls, value: list[str]) -> list[str]:
+        return [e.lower() if e.startswith(".") else "." + e.lower() for e in value]
+
+
+class SplitRule(_Strict):
+    """Deterministic by content: an image keeps its split whatever else is added."""
+
+    val: float = Field(default=0.1, ge=0, lt=1)
+    test: float = Field(default=0.2, ge=0, lt=1)
+    salt: str = Field(default="", description="Change to draw a different split.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitRule:
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must be below 1, got {self.val + self.test}")
+        return self
+
+    def split_of(self, image_id: str) -> str:
+        """`train`, `val` or `test` from the image's sha256."""
+        u = int(hashlib.sha256((self.salt + image_id).encode()).hexdigest()[:12], 16) / float(16**12)
+        if u < self.test:
+            return "test"
+        if u < self.test + self.val:
+            return "val"
+        return "train"
+
+
+# ---------------------------------------------------------------- teacher
+
+
+class SimulatedTeacherSettings(_Strict):
+    """Noise and faults of the simulated teacher (only for `kind: simulated`)."""
+
+    miss_rate: float = Field(default=0.05, ge=0, le=1, description="Chance that a true object is left out.")
+    false_positives: float = Field(default=0.2, ge=0, description="Mean number of invented objects per image.")
+    jitter: float = Field(default=0.004, ge=0, description="Std of coordinate noise, fraction of the image.")
+    label_flip_rate: float = Field(default=0.05, ge=0, le=1, description="Chance that a class is swapped.")
+    latency_s: float = Field(default=0.05, ge=0, description="Seconds each answer takes.")
+    max_concurrency: int = Field(default=64, gt=0, description="Requests served at once; more wait in line.")
+    seed: int = 0
+    host: str = "127.0.0.1"
+
+
+class TeacherSpec(_Strict):
+    kind: Literal["openai", "simulated"] = Field(
+        description="`openai`: any OpenAI-compatible chat-completions endpoint with images. "
+        "`simulated`: raydar's simulated teacher answering from the demo ground truth (offline)."
+    )
+    model: str
+    base_url: str | None = Field(default=None, description="Endpoint; default: OpenAI's. Unused when simulated.")
+    api_key_env: str | None = Field(default=None, description="Name of the environment variable holding the key.")
+    api_key_file: str | None = Field(default=None, description="File holding the key (a mounted secret).")
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    max_tokens: int = Field(default=2048, gt=0)
+    coordinates: Literal["normalized", "per_mille", "pixels"] = Field(
+        default="normalized",
+        description="How the teacher writes positions: fractions 0-1, integers 0-1000 (Gemini), "
+        "or pixels of the image it was sent.",
+    )
+    image_format: Literal["png", "jpeg"] = Field(
+        default="png", description="Encoding of images sent to the teacher; jpeg is smaller, png is lossless."
+    )
+    concurrency: int = Field(default=32, gt=0, description="Requests in flight per labelling actor.")
+    actors: int = Field(default=1, gt=0, description="Labelling actors; one per node is usually enough.")
+    rate_per_s: float | None = Field(
+        default=None, gt=0, description="Requests per second for the whole job (the provider's quota)."
+    )
+    retries: int = Field(default=4, ge=0, description="Retries of one image on 429, 5xx, timeouts and bad answers.")
+    backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; doubles each time, Retry-After wins.")
+    timeout_s: float = Field(default=60.0, gt=0, description="Seconds before a request is abandoned and retried.")
+    max_failed_runs: int = Field(
+        default=3, ge=1, description="A failed image is retried on later runs until it failed this many times."
+    )
+    simulated: SimulatedTeacherSettings = Field(default_factory=SimulatedTeacherSettings)
+
+    @model_validator(mode="after")
+    def _key_source(self) -> TeacherSpec:
+        if self.kind == "openai" and not (self.api_key_env or self.api_key_file):
+            raise ValueError("an `openai` teacher needs `api_key_env` (variable name) or `api_key_file`")
+        return self
+
+    def api_key(self) -> str:
+        """The key from the environment or the secret file; never from the spec itself."""
+        if self.kind == "simulated":
+            return "simulated-teacher-needs-no-key"
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            return os.environ[self.api_key_env]
+        if self.api_key_file:
+            path = Path(self.api_key_file).expanduser()
+            if path.is_file():
+                return path.read_text().strip()
+        where = " or ".join(
+            x for x in (self.api_key_env and f"${self.api_key_env}", self.api_key_file) if x
+        )
+        raise SpecError(f"teacher API key not found: set {where}")
+
+
+# ---------------------------------------------------------------- later stages
+
+
+class LoraSettings(_Strict):
+    rank: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    vision: bool = Field(default=False, description="Also put LoRA on the vision tower (frozen otherwise).")
+
+
+class StudentSpec(_Strict):
+    base_model: str = Field(default="Qwen/Qwen2-VL-2B-Instruct", description="Hub id or local path.")
+    family: Literal["qwen2_vl", "qwen2_5_vl", "llava"] = "qwen2_vl"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    quantisation: Literal["none", "4bit", "8bit"] = Field(default="none", description="4bit = QLoRA (NF4).")
+    deepspeed_stage: Literal[0, 2, 3] = 2
+    cpu_offload: bool = False
+    epochs: int = Field(default=3, gt=0)
+    batch_size: int = Field(default=4, gt=0, description="Per worker.")
+    learning_rate: float = Field(default=2e-4, gt=0)
+    max_pixels: int = Field(default=401_408, gt=0, description="Lower saves GPU memory, loses detail.")
+    workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+
+
+class KnowledgeBaseSpec(_Strict):
+    embedder: str = Field(default="all-MiniLM-L6-v2", description="Text embedder for documents.")
+    image_embedder: str = Field(default="student-vision", description="Image embedder for image search.")
+    examples_per_prompt: int = Field(default=5, ge=0)
+    where: dict[str, Any] = Field(default_factory=dict, description="Metadata filter for retrieval.")
+
+
+class ServingSpec(_Strict):
+    members: list[Literal["finetuned", "rag"]] = Field(default=["finetuned", "rag"])
+    weights: dict[str, float] = Field(default_factory=lambda: {"finetuned": 1.0, "rag": 1.0})
+    score_threshold: float = Field(default=0.3, ge=0, le=1)
+
+
+# ---------------------------------------------------------------- the spec
+
+
+class DatasetSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,63}$", description="Lower-case id; names the outputs.")
+    description: str = ""
+    task: TaskSpec
+    images: ImageSource
+    split: SplitRule = Field(default_factory=SplitRule)
+    teacher: TeacherSpec
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    knowledge_base: KnowledgeBaseSpec = Field(default_factory=KnowledgeBaseSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    source_file: str | None = Field(default=None, exclude=True, description="Set by load_spec.")
+
+    def resolve_uri(self, uri: str) -> str:
+        """A relative path in the spec is relative to the spec file, not to where the job runs."""
+        if "://" in uri or os.path.isabs(os.path.expanduser(uri)):
+            return os.path.expanduser(uri)
+        base = Path(self.source_file).parent if self.source_file else Path.cwd()
+        return str((base / uri).resolve())
+
+
+def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> DatasetSpec:
+    """Read and validate a spec; `overrides` maps dotted field paths to values (`teacher.model`)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    data["source_file"] = str(path.resolve())
+    try:
+        return DatasetSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_explain(path, e)) from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"override {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def _explain(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid dataset spec ({error.error_count()} problem{'s' * (error.error_count() > 1)})"]
+    for item in error.errors():
+        # Drop the discriminator tag pydantic inserts into union locations (task.points.ontology).
+        loc = [str(p) for p in item["loc"] if not (item["loc"][:1] == ("task",) and p in TASK_KINDS)]
+        field = ".".join(loc) or "(top level)"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        elif item["type"] == "union_tag_invalid":
+            message = f"unknown task kind; expected one of {', '.join(TASK_KINDS)}"
+        lines.append(f"  {field}: {message}{shown}")
+    return "\n".join(lines)

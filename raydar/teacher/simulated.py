@@ -1,0 +1,358 @@
+"""The simulated teacher: a real HTTP server speaking OpenAI chat completions, for offline demos and tests.
+
+It is a simulator, and says so in every answer's `model` field and in its name. It recognises the
+images of a dataset with ground truth (`ground_truth.jsonl` beside the images, as raydar.demo
+writes) by their content, whatever size or encoding they arrive in, and answers with the ground
+truth through configurable label noise (misses, invented objects, jitter, swapped classes) and
+latency, serving at most `max_concurrency` requests at once (others wait). Faults can be injected:
+429 with Retry-After, 500, hangs past the client's timeout, malformed JSON, JSON wrapped in prose.
+Every request is logged (model, prompt, which image, what was done) for tests to read, in process
+(`SimulatedTeacher.log`) or over HTTP (`GET /_simulator/log`).
+
+    raydar teacher serve --ground-truth ~/.raydar/demo_cells/source --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import random
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+
+from raydar.demo import read_ground_truth
+from raydar.spec import SimulatedTeacherSettings
+
+FAULT_KINDS = ("rate_limit", "server_error", "hang", "malformed_json", "prose")
+MODEL_NAME = "raydar-simulated-teacher"
+_THUMB = 16  # side of the thumbnail images are recognised by
+_MATCH_LIMIT = 0.08  # mean absolute thumbnail difference (0-1) above which an image is unknown
+
+
+@dataclass
+class Fault:
+    """Inject `kind` into a request: for each image's first `per_image` requests, and/or at random."""
+
+    kind: str
+    probability: float = 0.0
+    per_image: int = 0
+    retry_after_s: float = 1.0  # for rate_limit
+    hang_s: float = 3600.0  # for hang: longer than any client timeout
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {self.kind!r}; expected one of {', '.join(FAULT_KINDS)}")
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        """`kind[:key=value,...]`, e.g. `rate_limit:probability=0.1,retry_after_s=2` or `prose:per_image=1`."""
+        kind, _, rest = text.partition(":")
+        kwargs = {}
+        for item in filter(None, rest.split(",")):
+            key, _, value = item.partition("=")
+            kwargs[key.strip()] = int(value) if key.strip() == "per_image" else float(value)
+        return cls(kind.strip(), **kwargs)
+
+
+@dataclass
+class _Entry:
+    n: int
+    time: float
+    model: str
+    prompt: str
+    image: str | None  # ground-truth file name, or None for an image it does not know
+    n_images: int
+    fault: str | None
+    status: int
+    retry_after_s: float | None = None
+
+
+class _GroundTruth:
+    """Finds which known image a request carries, by a small thumbnail."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.records = read_ground_truth(folder)
+        thumbs = [_thumbnail(Image.open(Path(folder) / r["file"])) for r in self.records]
+        self.thumbs = np.stack(thumbs) if thumbs else np.zeros((0, _THUMB * _THUMB), np.float32)
+        self._by_payload: dict[str, int | None] = {}
+
+    def find(self, payload: str) -> int | None:
+        key = hashlib.sha1(payload.encode()).hexdigest()
+        if key not in self._by_payload:
+            img = Image.open(io.BytesIO(base64.b64decode(payload)))
+            distances = np.abs(self.thumbs - _thumbnail(img)).mean(axis=1)
+            best = int(distances.argmin()) if len(distances) else -1
+            self._by_payload[key] = best if best >= 0 and distances[best] < _MATCH_LIMIT else None
+        return self._by_payload[key]
+
+
+def _thumbnail(img: Image.Image) -> np.ndarray:
+    small = img.convert("L").resize((_THUMB, _THUMB), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
+
+
+class SimulatedTeacher:
+    """The server. `start()` runs it on a background thread; `serve_forever()` in the foreground."""
+
+    def __init__(
+        self,
+        ground_truth: str | Path,
+        settings: SimulatedTeacherSettings | None = None,
+        faults: list[Fault] | None = None,
+        coordinates: str = "normalized",
+        port: int = 0,
+        known_models: list[str] | None = None,
+    ) -> None:
+        self.settings = settings or SimulatedTeacherSettings()
+        self.faults = list(faults or [])
+        self.coordinates = coordinates
+        self.known_models = known_models
+        self.truth = _GroundTruth(ground_truth)
+        self.log: list[_Entry] = []
+        self.peak_concurrency = 0
+        self._in_flight = 0
+        self._seen: dict[int, int] = {}
+        self._rng = random.Random(self.settings.seed)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((self.settings.host, port))
+        self.port = self._sock.getsockname()[1]
+        self.base_url = f"http://{self.settings.host}:{self.port}/v1"
+        self.app = self._build_app()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # lifecycle ------------------------------------------------------------
+    def start(self) -> SimulatedTeacher:
+        self._server = self._make_server()
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the simulated teacher did not start")
+            time.sleep(0.01)
+        return self
+
+    def serve_forever(self) -> None:
+        self._server = self._make_server()
+        self._server.run(sockets=[self._sock])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._server.force_exit = True  # hung requests are not waited for
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> SimulatedTeacher:
+        return self if self._server is not None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def reset_log(self) -> None:
+        self.log.clear()
+        self._seen.clear()
+
+    def requests_for(self, image: str) -> list[_Entry]:
+        return [e for e in self.log if e.image == image]
+
+    def _make_server(self) -> uvicorn.Server:
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+            limit_concurrency=None,
+            lifespan="off",
+        )
+        return uvicorn.Server(config)
+
+    # the HTTP app -----------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="raydar simulated teacher (not a real model)")
+        semaphore = asyncio.Semaphore(self.settings.max_concurrency)
+
+        @app.get("/v1/models")
+        async def models() -> dict:
+            names = self.known_models or [MODEL_NAME]
+            return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "raydar"} for m in names]}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> JSONResponse:
+            try:
+                body = json.loads(await request.body())
+                model, prompt, images = _read_request(body)
+            except (ValueError, KeyError, TypeError) as e:
+                return _error(400, f"bad request: {e}", "invalid_request_error")
+            entry = _Entry(len(self.log), time.time(), model, prompt, None, len(images), None, 200)
+            self.log.append(entry)
+            if self.known_models is not None and model not in self.known_models:
+                entry.status = 404
+                return _error(404, f"The model `{model}` does not exist", "model_not_found")
+            index = self.truth.find(images[0]) if images else None
+            entry.image = self.truth.records[index]["file"] if index is not None else None
+            seen = self._seen.get(index, 0) if index is not None else 0
+            if index is not None:
+                self._seen[index] = seen + 1
+            fault = self._pick_fault(seen)
+            entry.fault = fault.kind if fault else None
+            async with semaphore:
+                self._in_flight += 1
+                self.peak_concurrency = max(self.peak_concurrency, self._in_flight)
+                try:
+                    if fault and fault.kind == "hang":
+                        await asyncio.sleep(fault.hang_s)
+                    await asyncio.sleep(self.settings.latency_s)
+                finally:
+                    self._in_flight -= 1
+            if fault and fault.kind == "rate_limit":
+                entry.status, entry.retry_after_s = 429, fault.retry_after_s
+                return _error(429, "Rate limit reached (simulated)", "rate_limit_exceeded",
+                              {"retry-after": f"{fault.retry_after_s:g}"})
+            if fault and fault.kind == "server_error":
+                entry.status = 500
+                return _error(500, "The server had an error (simulated)", "server_error")
+            answer = json.dumps(self._answer(index))
+            if fault and fault.kind == "malformed_json":
+                answer = answer[: max(1, len(answer) // 2)]  # cut off mid-way, as a truncated generation is
+            elif fault and fault.kind == "prose":
+                answer = f"Sure! Here is what I found in the image:\n```json\n{answer}\n```\nLet me know if you need more."
+            return JSONResponse(_completion(model, answer))
+
+        @app.get("/_simulator/log")
+        async def read_log() -> dict:
+            return {"requests": [asdict(e) for e in self.log], "peak_concurrency": self.peak_concurrency}
+
+        @app.post("/_simulator/reset")
+        async def reset() -> dict:
+            self.reset_log()
+            return {"ok": True}
+
+        return app
+
+    def _pick_fault(self, seen: int) -> Fault | None:
+        for fault in self.faults:
+            if seen < fault.per_image or (fault.probability and self._rng.random() < fault.probability):
+                return fault
+        return None
+
+    def _answer(self, index: int | None) -> dict:
+        if index is None:
+            return {"points": []}
+        record = self.truth.records[index]
+        label = record["label"]
+        if "points" not in label:
+            return label
+        rng = random.Random(f"{self.settings.seed}-{record['file']}")
+        classes = sorted({p["label"] for r in self.truth.records for p in r["label"].get("points", [])}) or ["object"]
+        s = self.settings
+        points = []
+        for p in label["points"]:
+            if rng.random() < s.miss_rate:
+                continue
+            name = p["label"]
+            if rng.random() < s.label_flip_rate and len(classes) > 1:
+                name = rng.choice([c for c in classes if c != name])
+            x = min(1.0, max(0.0, p["x"] + rng.gauss(0, s.jitter)))
+            y = min(1.0, max(0.0, p["y"] + rng.gauss(0, s.jitter)))
+            points.append((name, x, y))
+        extra = np.random.default_rng(rng.randrange(2**32)).poisson(s.false_positives)
+        for _ in range(int(extra)):
+            points.append((rng.choice(classes), rng.uniform(0.05, 0.95), rng.uniform(0.05, 0.95)))
+        w, h = record.get("width", 1), record.get("height", 1)
+        return {"points": [{"label": n, **self._coords(x, y, w, h)} for n, x, y in points]}
+
+    def _coords(self, x: float, y: float, w: int, h: int) -> dict:
+        if self.coordinates == "per_mille":
+            return {"x": round(x * 1000), "y": round(y * 1000)}
+        if self.coordinates == "pixels":
+            return {"x": round(x * w, 1), "y": round(y * h, 1)}
+        return {"x": round(x, 4), "y": round(y, 4)}
+
+
+def _read_request(body: dict) -> tuple[str, str, list[str]]:
+    model = body["model"]
+    texts, images = [], []
+    for message in body["messages"]:
+        content = message["content"]
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        for part in content:
+            if part.get("type") == "text":
+                texts.append(part["text"])
+            elif part.get("type") == "image_url":
+                url = part["image_url"]["url"]
+                if not url.startswith("data:") or ";base64," not in url:
+                    raise ValueError("images must be base64 data URLs")
+                images.append(url.split(";base64,", 1)[1])
+    return model, "\n".join(texts), images
+
+
+def _completion(model: str, content: str) -> dict:
+    return {
+        "id": f"chatcmpl-sim-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": f"{model} ({MODEL_NAME})",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+
+
+def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": code, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="raydar teacher serve", description="Run the simulated teacher.")
+    parser.add_argument("--ground-truth", required=True, help="Folder with the images and ground_truth.jsonl.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001, help="0 picks a free port.")
+    parser.add_argument("--latency", type=float, default=0.05, help="Seconds per answer.")
+    parser.add_argument("--max-concurrency", type=int, default=64)
+    parser.add_argument("--miss-rate", type=float, default=0.05)
+    parser.add_argument("--false-positives", type=float, default=0.2)
+    parser.add_argument("--jitter", type=float, default=0.004)
+    parser.add_argument("--label-flip-rate", type=float, default=0.05)
+    parser.add_argument("--coordinates", default="normalized", choices=["normalized", "per_mille", "pixels"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fault", action="append", default=[], metavar="KIND[:k=v,...]",
+                        help=f"Inject a fault; kinds: {', '.join(FAULT_KINDS)}. Repeatable.")
+    args = parser.parse_args(argv)
+    settings = SimulatedTeacherSettings(
+        miss_rate=args.miss_rate, false_positives=args.false_positives, jitter=args.jitter,
+        label_flip_rate=args.label_flip_rate, latency_s=args.latency, max_concurrency=args.max_concurrency,
+        seed=args.seed, host=args.host,
+    )
+    teacher = SimulatedTeacher(args.ground_truth, settings, [Fault.parse(f) for f in args.fault],
+                               coordinates=args.coordinates, port=args.port)
+    print(f"simulated teacher (not a real model) listening on {teacher.base_url}", flush=True)
+    try:
+        teacher.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
