@@ -47,9 +47,14 @@ class _ClassTask(_TaskBase):
 
     @field_validator("ontology")
     @classmethod
-    def _ontology_not_empty(cls, value: dict[str, OntologyClass]) -> dict[str, OntologyClass]:
+    def _ontology_valid(cls, value: dict[str, OntologyClass]) -> dict[str, OntologyClass]:
         if not value:
             raise ValueError("needs at least one class")
+        owner: dict[str, str] = {}
+        for name, item in value.items():
+            for alias in {name.strip().lower(), *(a.strip().lower() for a in item.aliases)}:
+                if owner.setdefault(alias, name) != name:
+                    raise ValueError(f"{alias!r} names both {owner[alias]!r} and {name!r}")
         return value
 
 
@@ -146,8 +151,8 @@ class ImageSource(_Strict):
 
     @model_validator(mode="after")
     def _uri_or_generate(self) -> ImageSource:
-        if self.uri is None and self.generate is None:
-            raise ValueError("set `uri` (a folder or URI of images) or `generate`")
+        if (self.uri is None) == (self.generate is None):
+            raise ValueError("set exactly one of `uri` (a folder or URI of images) and `generate`")
         return self
 
     @field_validator("extensions")
@@ -283,9 +288,18 @@ class KnowledgeBaseSpec(_Strict):
 
 
 class ServingSpec(_Strict):
-    members: list[Literal["finetuned", "rag"]] = Field(default=["finetuned", "rag"])
+    members: list[Literal["finetuned", "rag"]] = Field(default=["finetuned", "rag"], min_length=1)
     weights: dict[str, float] = Field(default_factory=lambda: {"finetuned": 1.0, "rag": 1.0})
     score_threshold: float = Field(default=0.3, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _weights_of_members(self) -> ServingSpec:
+        unknown = set(self.weights) - set(self.members)
+        if unknown:
+            raise ValueError(f"weights for {sorted(unknown)} which are not members {self.members}")
+        if any(w < 0 for w in self.weights.values()):
+            raise ValueError("weights must be >= 0")
+        return self
 
 
 # ---------------------------------------------------------------- the spec
@@ -322,8 +336,12 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        raise SpecError(f"{path}: the file is empty; expected a dataset spec")
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    if "source_file" in data:
+        raise SpecError(f"{path}: source_file: unknown field; check the spelling")
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     data["source_file"] = str(path.resolve())
@@ -346,17 +364,21 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 def _explain(path: Path, error: ValidationError) -> str:
     lines = [f"{path}: invalid dataset spec ({error.error_count()} problem{'s' * (error.error_count() > 1)})"]
     for item in error.errors():
-        # Drop the discriminator tag pydantic inserts into union locations (task.points.ontology).
-        loc = [str(p) for p in item["loc"] if not (item["loc"][:1] == ("task",) and p in TASK_KINDS)]
+        loc = [str(p) for p in item["loc"]]
+        if loc[:1] == ["task"] and len(loc) > 1 and loc[1] in TASK_KINDS:
+            del loc[1]  # the discriminator tag pydantic puts into union locations (task.points.ontology)
         field = ".".join(loc) or "(top level)"
         got = item.get("input")
         shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field; check the spelling"
         elif item["type"] == "missing":
             message = "required field is missing"
         elif item["type"] == "union_tag_invalid":
             message = f"unknown task kind; expected one of {', '.join(TASK_KINDS)}"
+            shown = f" (got {item.get('ctx', {}).get('tag')!r})"
+        elif item["type"] == "union_tag_not_found":
+            message = f"missing `kind`; expected one of {', '.join(TASK_KINDS)}"
         lines.append(f"  {field}: {message}{shown}")
     return "\n".join(lines)
