@@ -34,7 +34,7 @@ from tqdm import tqdm
 from cluster import StorageRoot, connect
 from cluster.storage import list_files
 from raydar.demo import GROUND_TRUTH_FILE, make_demo_cells
-from raydar.images import ImageProblem, encode_image, image_id, prepare_image
+from raydar.images import ImageProblem, image_id, prepare_image, teacher_payload
 from raydar.labels import LABEL_SCHEMA, LabelStore
 from raydar.spec import DatasetSpec, SpecError, load_spec
 from raydar.tasks import task_kind
@@ -164,27 +164,28 @@ def label_images(
     result.images = len(paths)
     index = ray.put(store.cache_index(fingerprint))
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts ok / failed / cached
+    # One batch per block, two blocks per actor at once: `concurrency` requests stay in flight, and each
+    # block's rows reach the log as soon as they are answered (what a killed run loses is in flight only).
+    rows_per_block = max(4, min(64, spec.teacher.concurrency))
+    n_blocks = -(-len(paths) // rows_per_block)
     with teacher_endpoint(spec, source) as base_url:
         limiter = RateLimiter(spec.teacher.rate_per_s) if spec.teacher.rate_per_s else None
         ds = ray.data.read_binary_files(
-            paths, filesystem=fs, include_paths=True, override_num_blocks=_num_blocks(len(paths), spec.teacher.actors),
+            paths, filesystem=fs, include_paths=True, override_num_blocks=n_blocks,
             num_cpus=0.25,  # reading is I/O; leave the cores to decoding
         )
         ds = ds.map_batches(
-            PrepareImages,
-            fn_constructor_kwargs={"spec": spec, "cache_index": index, "uri_prefix": prefix},
-            batch_size=32,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
-            num_cpus=0.5,
-        )
-        ds = ds.map_batches(
-            AskTeacher,
-            fn_constructor_kwargs={"spec": spec, "base_url": base_url, "rate_limiter": limiter,
-                                   "fingerprint": fingerprint, "run_id": run_id},
-            batch_size=max(4, spec.teacher.concurrency // 2),
+            LabelImages,
+            fn_constructor_kwargs={"spec": spec, "cache_index": index, "uri_prefix": prefix, "base_url": base_url,
+                                   "rate_limiter": limiter, "fingerprint": fingerprint, "run_id": run_id},
+            batch_size=rows_per_block,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=spec.teacher.actors),
-            num_cpus=0.25,
+            compute=ray.data.ActorPoolStrategy(
+                size=min(spec.teacher.actors, n_blocks), max_concurrent_calls_per_actor=2,
+                max_tasks_in_flight_per_actor=2,
+            ),
+            num_cpus=0.5,
         )
         writer = _LogWriter(store, run_id, flush_rows, flush_s)
         bar = tqdm(total=len(paths), desc=f"label {spec.name}", unit="img", disable=not progress, file=sys.stderr)
@@ -206,11 +207,6 @@ def label_images(
     result.duration_s = time.time() - started
     store.write_manifest(result.manifest(spec, started))
     return result
-
-
-def _num_blocks(n_images: int, actors: int) -> int:
-    """Enough blocks to keep every actor busy and stream results early; few enough to stay cheap."""
-    return max(1, min(n_images, 200, max(4 * actors, n_images // 32)))
 
 
 def _count(result: LabelResult, batch: pa.Table) -> LabelResult:
@@ -332,47 +328,15 @@ class teacher_endpoint:
                 self.process.kill()
 
 
-class PrepareImages:
-    """Decode, validate, resize and hash; mark images already labelled (or given up on)."""
+class LabelImages:
+    """Per batch: decode, validate, resize and hash each image (skipping the cached and the given up),
+    then ask the teacher about all of them at once. One row out per image in."""
 
-    def __init__(self, spec: DatasetSpec, cache_index, uri_prefix: str) -> None:
+    def __init__(self, spec: DatasetSpec, cache_index, uri_prefix: str, base_url: str | None, rate_limiter,
+                 fingerprint: str, run_id: str) -> None:
         self.spec = spec
         self.index = ray.get(cache_index) if isinstance(cache_index, ray.ObjectRef) else cache_index
         self.prefix = uri_prefix
-
-    def __call__(self, batch: dict) -> dict:
-        out = collections.defaultdict(list)
-        images = self.spec.images
-        for data, path in zip(batch["bytes"], batch["path"]):
-            row = {"source_uri": self.prefix + path, "error": "", "payload": b"", "sent_width": 0, "sent_height": 0}
-            try:
-                prepared = prepare_image(bytes(data), images.max_pixels, images.max_image_pixels)
-                row.update(image_id=prepared.image_id, width=prepared.width, height=prepared.height)
-            except ImageProblem as e:
-                prepared = None
-                row.update(image_id=image_id(bytes(data)), width=0, height=0, error=str(e))
-            entry = self.index.get(row["image_id"])
-            if entry is not None and entry.ok:
-                row["state"] = "cached"
-            elif entry is not None and entry.failed_runs >= self.spec.teacher.max_failed_runs:
-                row["state"] = "gave_up"
-            elif prepared is None:
-                row["state"] = "bad"
-            else:
-                row["state"] = "todo"
-                row["payload"] = encode_image(prepared.image, self.spec.teacher.image_format)
-                row["sent_width"], row["sent_height"] = prepared.image.size
-            row["split"] = self.spec.split.split_of(row["image_id"])
-            for k, v in row.items():
-                out[k].append(v)
-        return dict(out)
-
-
-class AskTeacher:
-    """Asks the teacher about each image to do, many at once; emits one row per image."""
-
-    def __init__(self, spec: DatasetSpec, base_url: str | None, rate_limiter, fingerprint: str, run_id: str) -> None:
-        self.spec = spec
         self.kind = task_kind(spec.task, spec.teacher.coordinates)
         self.base_url, self.rate_limiter = base_url, rate_limiter
         self.fingerprint, self.run_id = fingerprint, run_id
@@ -382,33 +346,45 @@ class AskTeacher:
         if self.client is None:  # built on the actor's event loop, once
             self.client = TeacherClient(self.spec.teacher, self.kind, base_url=self.base_url,
                                         rate_limiter=self.rate_limiter)
-        rows = batch.to_pylist()
-        answers = await asyncio.gather(*[self._one(r) for r in rows])
+        rows = [self._prepare(data, path) for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist())]
+        answers = await asyncio.gather(*[self._ask(row) for row in rows])
         return pa.Table.from_pylist(answers, schema=_OUTPUT_SCHEMA)
 
-    async def _one(self, row: dict) -> dict:
-        out = {
-            "image_id": row["image_id"], "source_uri": row["source_uri"], "width": row["width"],
-            "height": row["height"], "split": row["split"], "task": self.kind.name, "label": None,
-            "teacher_model": self.spec.teacher.model, "teacher_fingerprint": self.fingerprint,
-            "raw_answer": "", "status": "failed", "error": row["error"], "attempts": 0, "latency_s": 0.0,
-            "labelled_at": dt.datetime.now(dt.timezone.utc), "run_id": self.run_id, "requests": 0,
+    def _prepare(self, data: bytes, path: str) -> dict:
+        images = self.spec.images
+        row = {
+            "image_id": image_id(data), "source_uri": self.prefix + path, "width": 0, "height": 0, "split": "",
+            "task": self.kind.name, "label": None, "teacher_model": self.spec.teacher.model,
+            "teacher_fingerprint": self.fingerprint, "raw_answer": "", "status": "failed", "error": "",
+            "attempts": 0, "latency_s": 0.0, "labelled_at": dt.datetime.now(dt.timezone.utc), "run_id": self.run_id,
+            "requests": 0, "outcome": "failed",
         }
-        state = row["state"]
-        if state in ("cached", "gave_up"):
-            return {**out, "outcome": state, "status": ""}
-        if state == "bad":
-            return {**out, "outcome": "failed"}
-        answer = await self.client.label(row["payload"], row["sent_width"], row["sent_height"])
-        out.update(
-            raw_answer=answer.raw, attempts=answer.attempts, latency_s=answer.latency_s, requests=answer.attempts,
-            labelled_at=dt.datetime.now(dt.timezone.utc),
-        )
+        row["split"] = self.spec.split.split_of(row["image_id"])
+        entry = self.index.get(row["image_id"])
+        if entry is not None and entry.ok:
+            return {**row, "outcome": "cached", "status": ""}
+        if entry is not None and entry.failed_runs >= self.spec.teacher.max_failed_runs:
+            return {**row, "outcome": "gave_up", "status": ""}
+        try:
+            prepared = prepare_image(data, images.max_pixels, images.max_image_pixels)
+        except ImageProblem as e:
+            return {**row, "error": str(e)}
+        payload, media_type = teacher_payload(data, prepared, self.spec.teacher.image_format)
+        return {**row, "width": prepared.width, "height": prepared.height, "outcome": "todo",
+                "_request": (payload, *prepared.image.size, media_type)}
+
+    async def _ask(self, row: dict) -> dict:
+        request = row.pop("_request", None)
+        if request is None:
+            return row
+        answer = await self.client.label(*request)
+        row.update(raw_answer=answer.raw, attempts=answer.attempts, latency_s=answer.latency_s,
+                   requests=answer.attempts, labelled_at=dt.datetime.now(dt.timezone.utc))
         if answer.ok:
-            out.update(status="ok", label=json.dumps(answer.label), outcome="ok")
+            row.update(status="ok", label=json.dumps(answer.label), outcome="ok")
         else:
-            out.update(error=answer.error, outcome="failed")
-        return out
+            row.update(error=answer.error, outcome="failed")
+        return row
 
 
 _OUTPUT_SCHEMA = LABEL_SCHEMA.append(pa.field("outcome", pa.string())).append(pa.field("requests", pa.int32()))

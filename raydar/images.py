@@ -13,7 +13,8 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 # Magic numbers of the formats we accept: bytes that start like one of these but do not decode are
 # a *corrupt* image; anything else is *not an image*.
@@ -36,12 +37,18 @@ class ImageProblem(ValueError):
         self.reason = reason
 
 
+# Formats every OpenAI-compatible vision endpoint reads, so the original bytes can be sent as they are.
+TEACHER_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+
+
 @dataclass(frozen=True)
 class PreparedImage:
     image_id: str
     width: int  # after EXIF orientation, before resizing
     height: int
     image: Image.Image  # RGB, resized to at most max_pixels
+    source_format: str  # Pillow's name: PNG, JPEG, ...
+    unchanged: bool  # no rotation and no resize: the original bytes show exactly `image`
 
 
 def image_id(data: bytes) -> str:
@@ -62,43 +69,103 @@ def prepare_image(data: bytes, max_pixels: int, max_image_pixels: int) -> Prepar
     digest = image_id(data)
     if not data:
         raise ImageProblem("not_an_image", "empty file")
+    img = _open(data, max_image_pixels)
+    try:
+        img.load()
+    except OSError as e:  # the header was fine, so bytes ran out or the pixel data is damaged
+        if "truncated" in str(e).lower():
+            raise ImageProblem("truncated", f"the file ends early ({e})") from None
+        raise ImageProblem("corrupt", f"pixel data does not decode: {e}") from None
+    except (SyntaxError, ValueError, EOFError) as e:
+        raise ImageProblem("corrupt", f"pixel data does not decode: {e}") from None
+
+    source_format, source_mode = img.format or "", img.mode
+    orientation = _orientation(img)
+    if orientation in _TRANSPOSE:
+        img = img.transpose(_TRANSPOSE[orientation])
+    img = _to_rgb(img)
+    width, height = img.size
+    resized = resize_to_max_pixels(img, max_pixels)
+    return PreparedImage(
+        image_id=digest, width=width, height=height, image=resized, source_format=source_format,
+        unchanged=orientation not in _TRANSPOSE and resized.size == (width, height) and source_mode in ("RGB", "L"),
+    )
+
+
+def _open(data: bytes, max_image_pixels: int) -> Image.Image:
+    """Open (header only) and check the declared size before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # raydar's own limit decides; Pillow's DecompressionBombError still stops > 2x its limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            # The header gives the size without decoding: reject bombs before any pixel is made.
-            if img.width * img.height > max_image_pixels:
-                raise ImageProblem(
-                    "too_large",
-                    f"{img.width}x{img.height} = {img.width * img.height:,} pixels is over the limit of "
-                    f"{max_image_pixels:,} (images.max_image_pixels)",
-                )
-            img.load()
-    except ImageProblem:
-        raise
     except UnidentifiedImageError:
         fmt = sniff_format(data)
         if fmt:
             raise ImageProblem("corrupt", f"starts like a {fmt} file but does not decode") from None
         raise ImageProblem("not_an_image", f"unrecognised content (first bytes {data[:8]!r})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageProblem(
             "too_large",
-            f"the header declares more pixels than Pillow will open, over the limit of {max_image_pixels:,} "
-            "(images.max_image_pixels)",
+            f"the header declares more pixels than Pillow opens ({2 * Image.MAX_IMAGE_PIXELS:,}), over the limit "
+            f"of {max_image_pixels:,} (images.max_image_pixels)",
         ) from None
-    except OSError as e:
-        if "truncated" in str(e).lower():
-            raise ImageProblem("truncated", f"the file ends early ({e})") from None
-        raise ImageProblem("corrupt", f"does not decode: {e}") from None
-    except (SyntaxError, ValueError, EOFError) as e:  # PIL's plugins raise these on mangled headers
-        raise ImageProblem("corrupt", f"does not decode: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # a mangled header
+        raise ImageProblem("corrupt", f"header does not decode: {e}") from None
+    if img.width * img.height > max_image_pixels:
+        raise ImageProblem(
+            "too_large",
+            f"{img.width}x{img.height} = {img.width * img.height:,} pixels is over the limit of "
+            f"{max_image_pixels:,} (images.max_image_pixels)",
+        )
+    return img
 
-    img = ImageOps.exif_transpose(img)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    width, height = img.size
-    return PreparedImage(image_id=digest, width=width, height=height, image=resize_to_max_pixels(img, max_pixels))
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag, or 1 when the EXIF is missing or unreadable (cameras write broken EXIF)."""
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return 1
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit and float images are scaled, not clipped (Pillow's convert would turn a 16-bit
+    X-ray white): integers by the bit depth they use (a 12-bit scan in a 16-bit file fills 0-255),
+    floats in [0, 1] by 255, other floats from their min to their max."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if img.mode == "F" and not (lo >= 0 and hi <= 1):
+            scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        elif img.mode == "F":
+            scaled = arr
+        else:
+            bits = max(8, int(np.ceil(np.log2(max(hi, 1) + 1))))
+            scaled = np.clip(arr, 0, None) / (2**bits - 1)
+        img = Image.fromarray((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def teacher_payload(data: bytes, prepared: PreparedImage, fmt: str = "auto") -> tuple[bytes, str]:
+    """The bytes to send a teacher and their image type (`png`, `jpeg`, `webp`).
+
+    `auto` sends the original bytes when they already show the prepared image in a format every
+    teacher reads (no re-encoding: the cheapest and most faithful); otherwise it re-encodes,
+    losslessly (PNG) if the source was PNG, else as JPEG. `png` and `jpeg` always re-encode.
+    """
+    if fmt == "auto":
+        if prepared.unchanged and prepared.source_format in TEACHER_FORMATS:
+            return data, TEACHER_FORMATS[prepared.source_format]
+        fmt = "png" if prepared.source_format == "PNG" else "jpeg"
+    return encode_image(prepared.image, fmt), fmt
 
 
 def resize_to_max_pixels(img: Image.Image, max_pixels: int) -> Image.Image:
@@ -107,8 +174,9 @@ def resize_to_max_pixels(img: Image.Image, max_pixels: int) -> Image.Image:
     if w * h <= max_pixels:
         return img
     scale = math.sqrt(max_pixels / (w * h))
-    size = (max(1, int(w * scale)), max(1, int(h * scale)))
-    return img.resize(size, Image.Resampling.BICUBIC)
+    nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
+    nw, nh = min(nw, max(1, max_pixels // nh)), min(nh, max(1, max_pixels // nw))  # a side clamped to 1 px
+    return img.resize((nw, nh), Image.Resampling.BICUBIC)
 
 
 def encode_image(img: Image.Image, fmt: str = "png") -> bytes:

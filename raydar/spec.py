@@ -216,11 +216,16 @@ class TeacherSpec(_Strict):
         description="How the teacher writes positions: fractions 0-1, integers 0-1000 (Gemini), "
         "or pixels of the image it was sent.",
     )
-    image_format: Literal["png", "jpeg"] = Field(
-        default="png", description="Encoding of images sent to the teacher; jpeg is smaller, png is lossless."
+    image_format: Literal["auto", "png", "jpeg"] = Field(
+        default="auto",
+        description="Images sent to the teacher: `auto` sends the original file when it needs no resize or "
+        "rotation (else PNG for PNG sources, JPEG otherwise); `png` is lossless and slow to encode; `jpeg` is small.",
     )
     concurrency: int = Field(default=32, gt=0, description="Requests in flight per labelling actor.")
-    actors: int = Field(default=1, gt=0, description="Labelling actors; one per node is usually enough.")
+    actors: int = Field(
+        default=2, gt=0, description="Labelling actors; each decodes its share of the images and keeps "
+        "`concurrency` requests in flight. About one per core the job may use."
+    )
     rate_per_s: float | None = Field(
         default=None, gt=0, description="Requests per second for the whole job (the provider's quota)."
     )

@@ -29,13 +29,18 @@ def extract_json(text: str) -> Any:
     candidates = [m.group(1) for m in re.finditer(r"```(?:json)?\s*(.*?)```", text, re.S)] + [text]
     decoder = json.JSONDecoder()
     for candidate in candidates:
+        skip_until = -1  # inside a value that failed to decode (a cut-off answer) or one already rejected
         for match in re.finditer(r"[\[{]", candidate):
-            try:
-                value, _ = decoder.raw_decode(candidate, match.start())
-            except json.JSONDecodeError:
+            if match.start() < skip_until:
                 continue
-            if isinstance(value, (dict, list)):
+            try:
+                value, end = decoder.raw_decode(candidate, match.start())
+            except json.JSONDecodeError as e:
+                skip_until = max(skip_until, len(candidate) if e.pos <= match.start() else e.pos)
+                continue
+            if isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
                 return value
+            skip_until = end  # a list of plain values, such as "[0, 1]" in prose
     raise AnswerError(f"no JSON object in answer: {_clip(text)}")
 
 
@@ -347,7 +352,9 @@ class Regression(TaskKind):
                 v = float(given[name.lower()])
             except (TypeError, ValueError):
                 raise AnswerError(f"{name} is not a number: {given[name.lower()]!r}") from None
-            if not math.isfinite(v) or v < target.min:
+            if not math.isfinite(v):
+                raise AnswerError(f"{name} is not finite: {v}")
+            if v < target.min:
                 raise AnswerError(f"{name} = {v} is below its minimum {target.min}")
             values[name] = v
         return {"values": values}

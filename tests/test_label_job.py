@@ -168,7 +168,7 @@ def test_unknown_model_is_not_retried_and_says_so(tmp_path, image_folder):
 
 def test_concurrency_cap_and_one_rate_for_the_whole_job(tmp_path, image_folder):
     with start_teacher(image_folder, latency_s=0.05) as sim:
-        capped = demo_spec(image_folder, sim.base_url, **{"teacher.concurrency": 3})
+        capped = demo_spec(image_folder, sim.base_url, **{"teacher.concurrency": 3, "teacher.actors": 1})
         label_images(capped, StorageRoot(tmp_path / "a"), progress=False)
         assert 1 <= sim.peak_concurrency <= 3
 
@@ -239,18 +239,19 @@ def test_empty_folder_is_a_clear_error(tmp_path, teacher):
 
 
 def test_job_killed_half_way_loses_no_stored_label_and_asks_only_for_the_rest(tmp_path, image_folder):
-    with start_teacher(image_folder, latency_s=0.4) as sim:
+    with start_teacher(image_folder, latency_s=0.3) as sim:  # 40 images one at a time: about 12 s
         storage = StorageRoot(tmp_path / "store")
         cmd = [
             sys.executable, "-m", "jobs.label", "--spec", "datasets/demo_cells.yaml", "--quiet",
             "--storage", storage.uri,
             "--set", f"images.uri={image_folder}", "--set", "images.generate=null",
-            "--set", f"teacher.base_url={sim.base_url}", "--set", "teacher.concurrency=2",
+            "--set", f"teacher.base_url={sim.base_url}", "--set", "teacher.concurrency=1",
+            "--set", "teacher.actors=1",
         ]
         env = {**os.environ, "RAY_ADDRESS": ""}
         job = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        spec = demo_spec(image_folder, sim.base_url, **{"teacher.concurrency": 2})
+        spec = demo_spec(image_folder, sim.base_url, **{"teacher.concurrency": 1, "teacher.actors": 1})
         store = store_of(storage, spec)
         deadline = time.monotonic() + 120
         try:
@@ -267,7 +268,8 @@ def test_job_killed_half_way_loses_no_stored_label_and_asks_only_for_the_rest(tm
         assert 0 < len(stored_after_kill) < len(all_files)
         sim.reset_log()
 
-        result = label_images(spec, storage, progress=False)
+        result = label_images(spec.model_copy(update={"teacher": spec.teacher.model_copy(
+            update={"concurrency": 8, "actors": 2})}), storage, progress=False)
     asked = {e.image for e in sim.log}
     truth = {json.loads(line)["file"]: json.loads(line)["image_id"] for line in (image_folder / "ground_truth.jsonl").open()}
     assert asked == {f for f, i in truth.items() if i not in stored_after_kill}

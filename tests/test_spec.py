@@ -336,3 +336,33 @@ def test_a_missing_api_key_names_where_it_was_looked_for(tmp_path, monkeypatch):
 def test_the_simulated_teacher_needs_no_key(monkeypatch):
     monkeypatch.delenv("RAYDAR_TEST_KEY", raising=False)
     assert TeacherSpec(kind="simulated", model="sim").api_key()
+
+
+# ---------------------------------------------------------------- cross-field checks
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "expected"),
+    [
+        (_set("task.ontology", {"cell": {"description": "a", "aliases": ["blob"]},
+                                "other": {"description": "b", "aliases": ["Blob"]}}),
+         "task.ontology", "'blob' names both 'cell' and 'other'"),
+        (_set("images.generate", {"kind": "demo_cells", "n": 10}), "images", "exactly one of `uri`"),
+        (_set("serving.weights", {"finetuned": 1.0, "rga": 1.0}), "serving", "weights for ['rga']"),
+        (_set("serving.members", []), "serving.members", "at least 1"),
+        (_drop("task.kind"), "task", "missing `kind`"),
+    ],
+    ids=["alias-in-two-classes", "uri-and-generate", "weight-of-no-member", "no-members", "no-kind"],
+)
+def test_cross_field_mistakes_are_caught(tmp_path, mutate, field, expected):
+    data = copy.deepcopy(VALID)
+    mutate(data)
+    message = spec_error(write_spec(tmp_path, data))
+    line = next(line for line in message.splitlines() if line.strip().startswith(field + ":"))
+    assert expected in line and "Value error" not in line
+
+
+def test_unknown_task_kind_shows_what_was_written(tmp_path):
+    data = copy.deepcopy(VALID)
+    data["task"]["kind"] = "point"
+    assert "(got 'point')" in spec_error(write_spec(tmp_path, data))

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from raydar.spec import TeacherSpec
 from raydar.tasks import AnswerError, TaskKind
@@ -94,9 +95,9 @@ class TeacherClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def label(self, image: bytes, width: int, height: int) -> TeacherAnswer:
-        """Ask about one encoded image of `width` x `height` pixels (as sent)."""
-        messages = image_message(self.prompt, image, self.spec.image_format)
+    async def label(self, image: bytes, width: int, height: int, media_type: str = "png") -> TeacherAnswer:
+        """Ask about one encoded image (`media_type`: png, jpeg, webp) of `width` x `height` pixels as sent."""
+        messages = image_message(self.prompt, image, media_type)
         start = time.perf_counter()
         raw, error = "", ""
         attempt = 0
@@ -135,11 +136,19 @@ class TeacherClient:
             if self.rate_limiter is not None:
                 await self.rate_limiter.wait()
             self.requests += 1
-            response = await self._client.chat.completions.create(
-                model=self.spec.model,
-                messages=messages,
-                temperature=self.spec.temperature,
-                max_tokens=self.spec.max_tokens,
+            # The client's own `post` rather than `chat.completions.create`: the same request, auth and
+            # typed response, without re-walking a 100 kB message through the SDK's TypedDict transform
+            # (half of the client's CPU per image; see bench/RESULTS.md).
+            response = await self._client.post(
+                "/chat/completions",
+                body={
+                    "model": self.spec.model,
+                    "messages": messages,
+                    "temperature": self.spec.temperature,
+                    "max_tokens": self.spec.max_tokens,
+                },
+                cast_to=ChatCompletion,
+                options={"security": {"bearer_auth": True}},
             )
         if not response.choices:
             raise AnswerError("the answer has no choices")

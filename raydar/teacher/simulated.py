@@ -83,22 +83,32 @@ class _Entry:
 
 
 class _GroundTruth:
-    """Finds which known image a request carries, by a small thumbnail."""
+    """Finds which known image a request carries: exactly, when it is the original file, else by a
+    small thumbnail (a resized or re-encoded image)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.records = read_ground_truth(folder)
-        thumbs = [_thumbnail(Image.open(Path(folder) / r["file"])) for r in self.records]
-        self.thumbs = np.stack(thumbs) if thumbs else np.zeros((0, _THUMB * _THUMB), np.float32)
+        self.classes = sorted({p["label"] for r in self.records for p in r["label"].get("points", [])}) or ["object"]
+        thumbs = []
         self._by_payload: dict[str, int | None] = {}
+        for i, record in enumerate(self.records):
+            data = (Path(folder) / record["file"]).read_bytes()
+            self._by_payload[_payload_key(base64.b64encode(data).decode())] = i
+            thumbs.append(_thumbnail(Image.open(io.BytesIO(data))))
+        self.thumbs = np.stack(thumbs) if thumbs else np.zeros((0, _THUMB * _THUMB), np.float32)
 
     def find(self, payload: str) -> int | None:
-        key = hashlib.sha1(payload.encode()).hexdigest()
+        key = _payload_key(payload)
         if key not in self._by_payload:
             img = Image.open(io.BytesIO(base64.b64decode(payload)))
             distances = np.abs(self.thumbs - _thumbnail(img)).mean(axis=1)
             best = int(distances.argmin()) if len(distances) else -1
             self._by_payload[key] = best if best >= 0 and distances[best] < _MATCH_LIMIT else None
         return self._by_payload[key]
+
+
+def _payload_key(payload: str) -> str:
+    return hashlib.sha1(payload.encode("ascii")).hexdigest()
 
 
 def _thumbnail(img: Image.Image) -> np.ndarray:
@@ -131,6 +141,7 @@ class SimulatedTeacher:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((self.settings.host, port))
+        self._sock.listen(2048)  # clients may connect as soon as the URL is known; they wait in the backlog
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://{self.settings.host}:{self.port}/v1"
         self.app = self._build_app()
@@ -209,7 +220,7 @@ class SimulatedTeacher:
                 return _error(404, f"The model `{model}` does not exist", "model_not_found")
             index = self.truth.find(images[0]) if images else None
             entry.image = self.truth.records[index]["file"] if index is not None else None
-            seen = self._seen.get(index, 0) if index is not None else 0
+            seen = self._seen.get(index, 0) if index is not None else None  # per-image faults: known images only
             if index is not None:
                 self._seen[index] = seen + 1
             fault = self._pick_fault(seen)
@@ -248,9 +259,11 @@ class SimulatedTeacher:
 
         return app
 
-    def _pick_fault(self, seen: int) -> Fault | None:
+    def _pick_fault(self, seen: int | None) -> Fault | None:
         for fault in self.faults:
-            if seen < fault.per_image or (fault.probability and self._rng.random() < fault.probability):
+            if (seen is not None and seen < fault.per_image) or (
+                fault.probability and self._rng.random() < fault.probability
+            ):
                 return fault
         return None
 
@@ -262,7 +275,7 @@ class SimulatedTeacher:
         if "points" not in label:
             return label
         rng = random.Random(f"{self.settings.seed}-{record['file']}")
-        classes = sorted({p["label"] for r in self.truth.records for p in r["label"].get("points", [])}) or ["object"]
+        classes = self.truth.classes
         s = self.settings
         points = []
         for p in label["points"]:

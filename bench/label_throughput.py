@@ -1,0 +1,145 @@
+"""Labelling throughput: raydar's Ray Data job vs the sequential loop the seed projects use, vs the bound.
+
+    python bench/label_throughput.py                  # 2,000 demo images, 50 ms teacher, cap 64
+    python bench/label_throughput.py --images 500     # quicker
+
+Both sides ask the same simulated teacher (its own process, 50 ms per answer, at most 64 answers at
+once) through the same `TeacherClient`. The bound is the lower of the teacher's capacity
+(cap / latency) and what this machine's cores can decode, encode and parse per second (measured
+here: the CPU one process spends per image on the client side, many requests in flight, divided into the
+core count), and the script says which one binds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster import StorageRoot, connect  # noqa: E402
+from jobs.label import label_images, teacher_endpoint  # noqa: E402
+from raydar.demo import make_demo_cells, read_ground_truth  # noqa: E402
+from raydar.images import prepare_image, teacher_payload  # noqa: E402
+from raydar.spec import load_spec  # noqa: E402
+from raydar.tasks import task_kind  # noqa: E402
+from raydar.teacher.client import TeacherClient  # noqa: E402
+
+SPEC = Path(__file__).resolve().parents[1] / "datasets" / "demo_cells.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--cap", type=int, default=64)
+    parser.add_argument("--sequential-images", type=int, default=200, help="The loop is slow: time it on fewer.")
+    parser.add_argument("--actors", type=int, default=1, help="Labelling actors (teacher.actors).")
+    parser.add_argument("--cache", default=os.path.expanduser("~/.cache/raydar/bench"))
+    args = parser.parse_args()
+
+    folder = make_demo_cells(Path(args.cache) / f"cells-{args.images}", n=args.images, size=224, seed=0)
+    spec = load_spec(SPEC, overrides={
+        "images.uri": str(folder), "images.generate": None,
+        "teacher.concurrency": -(-args.cap // args.actors), "teacher.simulated.latency_s": args.latency,
+        "teacher.simulated.max_concurrency": args.cap, "teacher.actors": args.actors,
+    })
+    cores = os.cpu_count() or 1
+    print(f"{args.images} demo images (224x224 PNG), simulated teacher {args.latency * 1000:.0f} ms, "
+          f"cap {args.cap}, {cores} cores")
+
+    capacity = args.cap / args.latency
+    connect()
+    with teacher_endpoint(spec, str(folder)) as base_url:  # one simulator process for every side
+        seq_rate = asyncio.run(sequential(spec, folder, base_url, args.sequential_images))
+        cpu_per_image = asyncio.run(client_cpu_per_image(spec, folder, base_url))
+        spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"base_url": base_url})})
+        with tempfile.TemporaryDirectory() as tmp:
+            label_images(spec, StorageRoot(Path(tmp) / "warm"), limit=64, progress=False)  # worker processes
+            _simulator(base_url, "reset", method="POST")
+            start = time.perf_counter()
+            result = label_images(spec, StorageRoot(Path(tmp) / "store"), progress=False)
+            raydar_s = time.perf_counter() - start
+        times = sorted(r["time"] for r in _simulator(base_url, "log")["requests"])
+    assert result.ok_new == args.images, result.summary()
+    cpu_rate = cores / cpu_per_image
+    raydar_rate = args.images / raydar_s
+    steady_rate = (len(times) - 1) / (times[-1] - times[0])
+
+
+    bound, binding = min((capacity, "teacher capacity (cap / latency)"),
+                         (cpu_rate, f"{cores} cores preparing, encoding, parsing"))
+    actors = f"{args.actors} labelling actor{'s' * (args.actors > 1)}"
+    rows = [
+        (f"raydar, whole job incl. start-up ({actors})", raydar_rate),
+        ("raydar, steady state (first to last teacher request)", steady_rate),
+        ("sequential loop, same client", seq_rate),
+        (f"bound: {binding}", bound),
+    ]
+    print()
+    for name, rate in rows:
+        print(f"  {name:<52} {rate:8.1f} images/s")
+    print(f"  (teacher capacity {capacity:.0f}/s; client CPU {cpu_per_image * 1000:.1f} ms/image -> "
+          f"{cpu_rate:.0f}/s on {cores} cores; the simulator shares these cores here)")
+    print()
+    print(f"raydar / sequential = {raydar_rate / seq_rate:.1f}x whole job, {steady_rate / seq_rate:.1f}x steady "
+          "(target >= 25x)")
+    print(f"raydar / bound      = {raydar_rate / bound:.0%} whole job, {steady_rate / bound:.0%} steady (target >= 70%)")
+    first_request = times[0] - (time.time() - (time.perf_counter() - start))
+    print(f"raydar wall time {raydar_s:.1f} s for {args.images} images; first teacher request after "
+          f"{first_request:.1f} s (listing, planning, starting the actor pools)")
+
+
+def _simulator(base_url: str, path: str, method: str = "GET") -> dict:
+    request = urllib.request.Request(base_url.replace("/v1", "/_simulator/") + path, method=method)
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)
+
+
+async def client_cpu_per_image(spec, folder: Path, base_url: str, n: int = 400) -> float:
+    """CPU seconds this process spends per image to prepare, encode, send and parse (the client side),
+    measured with many requests in flight, against a teacher running in another process."""
+    kind = task_kind(spec.task, spec.teacher.coordinates)
+    client = TeacherClient(spec.teacher, kind, base_url=base_url)
+    records = read_ground_truth(folder)[:n]
+
+    async def one(record):
+        data = (folder / record["file"]).read_bytes()
+        prepared = prepare_image(data, spec.images.max_pixels, spec.images.max_image_pixels)
+        payload, media_type = teacher_payload(data, prepared, spec.teacher.image_format)
+        answer = await client.label(payload, *prepared.image.size, media_type)
+        assert answer.ok, answer.error
+
+    await asyncio.gather(*[one(r) for r in records[:32]])  # warm the connections
+    start = time.process_time()
+    await asyncio.gather(*[one(r) for r in records])
+    per_image = (time.process_time() - start) / len(records)
+    await client.close()
+    return per_image
+
+
+async def sequential(spec, folder: Path, base_url: str, n: int) -> float:
+    """How the seed projects label: one image after another, each waiting for its answer."""
+    client = TeacherClient(spec.teacher, task_kind(spec.task, spec.teacher.coordinates), base_url=base_url)
+    records = read_ground_truth(folder)[:n]
+    start = time.perf_counter()
+    for r in records:
+        data = (folder / r["file"]).read_bytes()
+        prepared = prepare_image(data, spec.images.max_pixels, spec.images.max_image_pixels)
+        payload, media_type = teacher_payload(data, prepared, spec.teacher.image_format)
+        answer = await client.label(payload, *prepared.image.size, media_type)
+        assert answer.ok, answer.error
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return len(records) / elapsed
+
+
+if __name__ == "__main__":
+    main()
