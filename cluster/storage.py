@@ -66,6 +66,9 @@ class StorageRoot:
         self.fs, self.path = resolve(self.uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
         self._scheme = "" if self.is_local else self.uri.split("://", 1)[0] + "://"
+        # Filesystem options in the URI (s3://b/p?endpoint_override=...&scheme=http) carry over to child
+        # roots. Credentials belong in the environment (AWS_ACCESS_KEY_ID, ...), not in the URI.
+        self._query = self.uri.split("?", 1)[1] if "?" in self.uri and not self.is_local else ""
 
     def __repr__(self) -> str:
         return f"StorageRoot({self.uri!r})"
@@ -79,7 +82,7 @@ class StorageRoot:
         return self._scheme + self.join(*parts)
 
     def child(self, *parts: str) -> StorageRoot:
-        return StorageRoot(self.uri_of(*parts))
+        return StorageRoot(self.uri_of(*parts) + (f"?{self._query}" if self._query else ""))
 
     def local_path(self, *parts: str) -> Path:
         """A local path inside the root; only for roots on this machine's disk."""

@@ -44,11 +44,7 @@ from raydar.teacher.ratelimit import RateLimiter
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        spec = load_spec(args.spec, overrides=dict(args.set))
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = spec_from_args(args)
     storage = StorageRoot(args.storage)
     connect(args.address)
     result = label_images(spec, storage, limit=args.limit, progress=not args.quiet)
@@ -75,6 +71,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="Override a spec field, e.g. --set teacher.concurrency=8. Repeatable.",
     )
     parser.add_argument("--quiet", action="store_true", help="No progress bar.")
+
+
+def spec_from_args(args: argparse.Namespace) -> DatasetSpec:
+    """The spec named by --spec with the --set overrides; an invalid one ends the job with exit code 2."""
+    try:
+        return load_spec(args.spec, overrides=dict(args.set))
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _override(text: str) -> tuple[str, object]:

@@ -14,8 +14,7 @@ import time
 
 from cluster import StorageRoot, connect
 from cluster.connect import dashboard_url
-from jobs.label import add_common_arguments, label_images
-from raydar.spec import SpecError, load_spec
+from jobs.label import add_common_arguments, label_images, spec_from_args
 
 STAGES = ("label",)
 
@@ -25,11 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_arguments(parser)
     parser.add_argument("--dashboard", action="store_true", help="Start the Ray dashboard with the embedded Ray.")
     args = parser.parse_args(argv)
-    try:
-        spec = load_spec(args.spec, overrides=dict(args.set))
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = spec_from_args(args)
     storage = StorageRoot(args.storage)
     connect(args.address, dashboard=args.dashboard)
     started = time.time()

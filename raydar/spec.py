@@ -381,9 +381,9 @@ def _explain(path: Path, error: ValidationError) -> str:
         elif item["type"] == "missing":
             message = "required field is missing"
         elif item["type"] == "union_tag_invalid":
-            message = f"unknown task kind; expected one of {', '.join(TASK_KINDS)}"
+            field, message = f"{field}.kind", f"unknown task kind; expected one of {', '.join(TASK_KINDS)}"
             shown = f" (got {item.get('ctx', {}).get('tag')!r})"
         elif item["type"] == "union_tag_not_found":
-            message = f"missing `kind`; expected one of {', '.join(TASK_KINDS)}"
+            field, message = f"{field}.kind", f"required field is missing; expected one of {', '.join(TASK_KINDS)}"
         lines.append(f"  {field}: {message}{shown}")
     return "\n".join(lines)

@@ -143,7 +143,7 @@ INVALID = [
     ("unknown-top-level-field", _set("studnet", {"epochs": 1}), "studnet", "unknown field"),
     ("unknown-nested-field", _set("student.lora.rnak", 8), "student.lora.rnak", "unknown field"),
     ("missing-teacher-model", _drop("teacher.model"), "teacher.model", "required"),
-    ("unknown-task-kind", _set("task.kind", "point"), "task", "expected one of points, boxes, caption"),
+    ("unknown-task-kind", _set("task.kind", "point"), "task.kind", "expected one of points, boxes, caption"),
     ("wrong-type", _set("teacher.concurrency", "many"), "teacher.concurrency", "valid integer"),
     ("split-fractions-sum-to-one", _set("split", {"val": 0.5, "test": 0.5}), "split", "below 1"),
     ("negative-latency", _set("teacher.simulated.latency_s", -1), "teacher.simulated.latency_s",
@@ -350,7 +350,7 @@ def test_the_simulated_teacher_needs_no_key(monkeypatch):
         (_set("images.generate", {"kind": "demo_cells", "n": 10}), "images", "exactly one of `uri`"),
         (_set("serving.weights", {"finetuned": 1.0, "rga": 1.0}), "serving", "weights for ['rga']"),
         (_set("serving.members", []), "serving.members", "at least 1"),
-        (_drop("task.kind"), "task", "missing `kind`"),
+        (_drop("task.kind"), "task.kind", "required field is missing"),
     ],
     ids=["alias-in-two-classes", "uri-and-generate", "weight-of-no-member", "no-members", "no-kind"],
 )
