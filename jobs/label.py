@@ -17,6 +17,7 @@ import asyncio
 import collections
 import datetime as dt
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -167,9 +168,11 @@ def label_images(
     if not paths:
         raise FileNotFoundError(f"{source}: no images with suffix {' '.join(spec.images.extensions)}")
     result.images = len(paths)
-    index = ray.put(store.cache_index(fingerprint))
+    index = store.cache_index(fingerprint)
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts ok / failed / cached
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no plan and start-up chatter on the console
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we know
     # One batch per block, two blocks per actor at once: `concurrency` requests stay in flight, and each
     # block's rows reach the log as soon as they are answered (what a killed run loses is in flight only).
     rows_per_block = max(4, min(64, spec.teacher.concurrency))
@@ -340,7 +343,7 @@ class LabelImages:
     def __init__(self, spec: DatasetSpec, cache_index, uri_prefix: str, base_url: str | None, rate_limiter,
                  fingerprint: str, run_id: str) -> None:
         self.spec = spec
-        self.index = ray.get(cache_index) if isinstance(cache_index, ray.ObjectRef) else cache_index
+        self.index = cache_index
         self.prefix = uri_prefix
         self.kind = task_kind(spec.task, spec.teacher.coordinates)
         self.base_url, self.rate_limiter = base_url, rate_limiter
