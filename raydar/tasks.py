@@ -93,6 +93,15 @@ class TaskKind:
         """Check a stored (normalised) label against the schema; returns it in canonical form."""
         raise NotImplementedError
 
+    def answer_text(self, label: dict, width: int, height: int) -> str:
+        """The answer a model should give for `label` (the fine-tuning target), in this kind's JSON format
+        and this object's coordinate convention for an image of `width` x `height` pixels as the model
+        sees it. `parse(answer_text(label))` gives the label back, up to the convention's rounding."""
+        return json.dumps(self._to_answer(self.validate(label), width, height), ensure_ascii=False)
+
+    def _to_answer(self, label: dict, width: int, height: int) -> dict:
+        return label
+
     def empty(self) -> dict:
         raise NotImplementedError
 
@@ -119,6 +128,13 @@ class TaskKind:
             raise AnswerError(f"{what} is not finite: {value!r}")
         scale = COORDINATE_SCALES[self.coordinates]
         return v / (extent if scale == "image" else scale) if scale else v
+
+    def _from_unit(self, v: float, extent: int) -> float | int:
+        """A normalised coordinate in this convention: integers for 0-1000 and pixels, 4 decimals otherwise."""
+        scale = COORDINATE_SCALES[self.coordinates]
+        if scale is None:
+            return round(v, 4)
+        return int(round(v * (extent if scale == "image" else scale)))
 
 
 def _unit(value: Any, what: str) -> float:
@@ -188,6 +204,12 @@ class Points(TaskKind):
             )
         return {"points": out}
 
+    def _to_answer(self, label: dict, width: int, height: int) -> dict:
+        return {"points": [
+            {"label": p["label"], "x": self._from_unit(p["x"], width), "y": self._from_unit(p["y"], height)}
+            for p in label["points"]
+        ]}
+
     def validate(self, label: Any) -> dict:
         points = []
         for item in _items(label, "points"):
@@ -243,6 +265,19 @@ class Boxes(TaskKind):
             )
         qa = value.get("qa", []) if isinstance(value, dict) else []
         return {"objects": objects, "qa": qa}
+
+    def _to_answer(self, label: dict, width: int, height: int) -> dict:
+        objects = []
+        for o in label["objects"]:
+            box = [self._from_unit(v, e) for v, e in zip(o["box"], (width, height, width, height))]
+            item = {"label": o["label"], "box": box}
+            if self.spec.describe_objects:
+                item["description"] = o["description"]
+            objects.append(item)
+        answer: dict = {"objects": objects}
+        if self.spec.questions_per_image:
+            answer["qa"] = label["qa"]
+        return answer
 
     def validate(self, label: Any) -> dict:
         objects = []
