@@ -22,6 +22,8 @@ DEMO_SPEC = REPO / "datasets" / "demo_cells.yaml"
 
 # Ray's own processes listen on loopback only in tests, as in the embedded Ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Nothing is downloaded: models are built from config (raydar.models.tiny).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

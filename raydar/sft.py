@@ -1,0 +1,99 @@
+"""Supervised fine-tuning examples: a labelled image becomes a chat the student learns to finish.
+
+The user turn holds the image and the task's prompt; the assistant turn is the label written by the
+task kind (`TaskKind.answer_text`) in the student family's coordinate convention, for the image
+size the processor really produced (Qwen resizes to multiples of 28 within its pixel budget, and
+Qwen2.5-VL answers in those pixels). The loss is on the answer tokens only: every prompt and
+image token is labelled -100.
+
+    builder = SFTExamples(processor, FAMILIES["qwen2_vl"], task_kind(spec.task, "per_mille"), prompt)
+    batch = collate([builder.example(image, label) for image, label in rows], processor)
+    loss = model(**batch).loss
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from raydar.models.families import Family
+from raydar.tasks import TaskKind
+
+IGNORE = -100  # the label torch's cross-entropy skips
+
+
+def user_turn(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+@dataclass
+class SFTExamples:
+    """Builds examples for one student: its processor and family, one task kind and prompt."""
+
+    processor: object
+    family: Family
+    kind: TaskKind  # built with the family's coordinate convention
+    prompt: str
+
+    def __post_init__(self) -> None:
+        if self.kind.coordinates != self.family.coordinates:
+            raise ValueError(
+                f"the task kind writes {self.kind.coordinates} coordinates but {self.family.name} models use "
+                f"{self.family.coordinates}: build it with task_kind(spec, FAMILIES[{self.family.name!r}].coordinates)"
+            )
+        self.prompt_text = self.processor.apply_chat_template(
+            user_turn(self.prompt), add_generation_prompt=True, tokenize=False
+        )
+
+    def example(self, image: Image.Image, label: dict | None = None) -> dict[str, torch.Tensor]:
+        """Tensors for one image; with a label, also the answer tokens and their training labels."""
+        inputs = self.processor(text=[self.prompt_text], images=[image.convert("RGB")], return_tensors="pt")
+        example = {k: v for k, v in inputs.items()}
+        if label is None:
+            return example
+        answer = self.kind.answer_text(label, *self.seen_size(inputs, image))
+        full_text = self.processor.apply_chat_template(
+            user_turn(self.prompt) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            tokenize=False,
+        )
+        if not full_text.startswith(self.prompt_text):
+            raise ValueError(f"{self.family.name}: the chat template does not extend the prompt with the answer")
+        answer_ids = self.processor.tokenizer(
+            full_text[len(self.prompt_text):], add_special_tokens=False, return_tensors="pt"
+        )["input_ids"]
+        prompt_ids = example["input_ids"]
+        example["input_ids"] = torch.cat([prompt_ids, answer_ids], dim=1)
+        example["attention_mask"] = torch.ones_like(example["input_ids"])
+        if "mm_token_type_ids" in example:  # text tokens are type 0
+            example["mm_token_type_ids"] = torch.cat(
+                [example["mm_token_type_ids"], torch.zeros_like(answer_ids)], dim=1
+            )
+        example["labels"] = torch.cat([torch.full_like(prompt_ids, IGNORE), answer_ids], dim=1)
+        return example
+
+    def seen_size(self, inputs: dict, image: Image.Image) -> tuple[int, int]:
+        """(width, height) of the image as the model sees it, from what the processor returned."""
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            return image.size  # fixed-size encoders: positions are fractions, the size does not enter
+        patch = self.processor.image_processor.patch_size
+        _, rows, cols = (int(v) for v in grid[0])
+        return cols * patch, rows * patch
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad the token sequences (labels with -100) and join the images as the family expects."""
+    longest = max(e["input_ids"].shape[1] for e in examples)
+    batch: dict[str, torch.Tensor] = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        if key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+            fill = {"input_ids": pad_token_id, "labels": IGNORE}.get(key, 0)
+            batch[key] = torch.cat(
+                [torch.nn.functional.pad(v, (0, longest - v.shape[1]), value=fill) for v in values], dim=0
+            )
+        else:  # images: Qwen's patches one image after another (with image_grid_thw), LLaVA's stacked
+            batch[key] = torch.cat(values, dim=0)
+    return batch
