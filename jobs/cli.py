@@ -2,6 +2,7 @@
 
     raydar run --spec datasets/demo_cells.yaml        # the whole pipeline (the main job)
     raydar label --spec datasets/demo_cells.yaml      # one stage
+    raydar finetune --spec datasets/demo_cells.yaml   # LoRA fine-tune on Ray Train + DeepSpeed
     raydar teacher serve --ground-truth DIR           # the simulated teacher, for offline work
     raydar demo make --out DIR --n 200                # the synthetic demo images
     raydar spec check datasets/*.yaml                 # validate specs
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.pipeline import main as run
     elif command == "label":
         from jobs.label import main as run
+    elif command == "finetune":
+        from jobs.finetune import main as run
     elif command == "teacher" and rest[:1] == ["serve"]:
         from raydar.teacher.simulated import main as run
 

@@ -1,0 +1,430 @@
+"""Fine-tune a student on the labelled images: Ray Train workers running DeepSpeed over a PEFT LoRA model.
+
+    raydar finetune --spec datasets/demo_cells.yaml
+    ray job submit --working-dir . -- python -m jobs.finetune --spec datasets/demo_cells.yaml
+
+The driver checks everything a worker would trip over (the base model, the quantisation against
+the ZeRO stage, the labelled rows) before any worker starts. Each worker loads the base model
+(optionally 4-bit NF4 or 8-bit through bitsandbytes), puts LoRA on the language model (the vision
+tower stays frozen unless `student.lora.vision`), adds the task's head for multilabel and
+regression specs, and trains under DeepSpeed ZeRO 0, 2 or 3 (configs in cluster/deepspeed/) on its
+shard of a Ray Data stream. Loss on the answer tokens only (raydar.sft). Every epoch it reports
+validation loss and a checkpoint (adapter as safetensors, head, processor, spec, metrics); the best
+and the last are kept. A worker that dies is replaced and the run resumes from its last checkpoint;
+so does a run started again with the same `--run-name`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cluster import StorageRoot, connect
+from cluster.storage import resolve
+from jobs.label import add_common_arguments, resolve_source, spec_from_args
+from raydar.heads import pool_hidden
+from raydar.labels import LabelStore
+from raydar.spec import DatasetSpec, SpecError
+
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
+TINY_PREFIX = "raydar-tiny-"  # base_model: raydar-tiny-qwen2-vl etc.: built from config, no download
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raydar finetune", description=__doc__.split("\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--run-name", default=None, help="Name of the run; the same name resumes it.")
+    parser.add_argument("--max-steps", type=int, default=None, help="Stop after this many optimiser steps.")
+    args = parser.parse_args(argv)
+    spec = spec_from_args(args)
+    storage = StorageRoot(args.storage)
+    connect(args.address)
+    try:
+        result = finetune(spec, storage, run_name=args.run_name, max_steps=args.max_steps)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class FinetuneResult:
+    run_name: str
+    checkpoint: str | None
+    best_checkpoint: str | None
+    metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        m = self.metrics
+        return (
+            f"{self.run_name}: {m.get('step', 0)} steps, {m.get('epoch', 0) + 1} epochs; train loss "
+            f"{m.get('first_loss', float('nan')):.3f} -> {m.get('loss', float('nan')):.3f}, val loss "
+            f"{m.get('val_loss', float('nan')):.3f} -> checkpoint {self.best_checkpoint or self.checkpoint}"
+        )
+
+
+def finetune(
+    spec: DatasetSpec,
+    storage: StorageRoot,
+    *,
+    run_name: str | None = None,
+    max_steps: int | None = None,
+    fail_at_step: int | None = None,
+    report_every: int = 5,
+) -> FinetuneResult:
+    """Train the spec's student on its labelled rows. Ray must be up. `fail_at_step` kills a worker
+    once at that step (for the resume test)."""
+    student = spec.student
+    check_student(spec)
+    model_path = resolve_base_model(student.base_model, student.family)
+    root = storage.child(spec.name)
+    rows = LabelStore(root.child("labels")).read_labels()
+    train_rows = rows.filter(pc.equal(rows["split"], "train"))
+    val_rows = rows.filter(pc.equal(rows["split"], "val"))
+    if train_rows.num_rows == 0:
+        raise SpecError(
+            f"{root.uri_of('labels', 'labels.parquet')}: no labelled training rows; run `raydar label --spec "
+            f"{spec.source_file}` first"
+        )
+    source = resolve_source(spec, root)
+    run_name = run_name or f"{spec.name}-finetune"
+    positive_weights = None
+    if spec.task.kind == "multilabel":  # negatives / positives per class in the training labels (seed 004)
+        from raydar.heads import MultilabelHead
+
+        head = MultilabelHead(1, list(spec.task.ontology))
+        head.fit_positive_weights(head.targets([json.loads(x) for x in train_rows["label"].to_pylist()],
+                                               spec.task.threshold))
+        positive_weights = head.pos_weight.tolist()
+    config = {
+        "spec": spec.model_dump(mode="json"),
+        "source_file": spec.source_file,
+        "model_path": str(model_path),
+        "max_steps": max_steps,
+        "fail_at_step": fail_at_step,
+        "report_every": report_every,
+        "marker_dir": root.join("train", run_name),  # where a test's injected failure leaves its mark
+        "positive_weights": positive_weights,
+    }
+    trainer = TorchTrainer(
+        train_student,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=student.workers, use_gpu=student.use_gpu),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=root.join("train"),
+            storage_filesystem=root.fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+        datasets={"train": image_rows(train_rows, source), "val": image_rows(val_rows, source)},
+    )
+    result = trainer.fit()
+    best = min(result.best_checkpoints, key=lambda c: c[1].get("val_loss", float("inf")))[0] \
+        if result.best_checkpoints else None
+    return FinetuneResult(
+        run_name=run_name,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        best_checkpoint=best.path if best else None,
+        metrics=result.metrics or {},
+        history=sorted(result.metrics_dataframe.to_dict("records"), key=lambda m: m["step"])
+        if result.metrics_dataframe is not None else [],
+    )
+
+
+def check_student(spec: DatasetSpec) -> None:
+    """What would fail on a worker fails here, before any worker starts."""
+    s = spec.student
+    where = spec.source_file or spec.name
+    if s.quantisation != "none" and s.deepspeed_stage == 3:
+        raise SpecError(
+            f"{where}: student.deepspeed_stage: ZeRO-3 partitions weights, which bitsandbytes' {s.quantisation} "
+            "weights cannot be; use deepspeed_stage 0 or 2 with quantisation"
+        )
+    if s.quantisation != "none" and s.workers > 1 and not s.use_gpu:
+        raise SpecError(f"{where}: student.quantisation: {s.quantisation} training on the CPU runs one worker only")
+
+
+def resolve_base_model(name: str, family: str) -> Path:
+    """A local folder, a tiny model built here (`raydar-tiny-<family>`), or a model in the local cache."""
+    if name.startswith(TINY_PREFIX):
+        from raydar.models.tiny import TINY_FAMILIES, build_tiny_model
+
+        tiny = name[len(TINY_PREFIX):].replace("-", "_")
+        if tiny not in TINY_FAMILIES:
+            raise SpecError(f"student.base_model: unknown tiny model {name!r}; expected raydar-tiny-<"
+                            f"{'|'.join(f.replace('_', '-') for f in TINY_FAMILIES)}>")
+        return build_tiny_model(tiny)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SpecError(f"student.base_model: {path} holds no config.json; not a Hugging Face model folder")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        raise SpecError(
+            f"student.base_model: {name!r} is neither a folder nor in the local Hugging Face cache; download it "
+            "first (huggingface-cli download) or give its folder"
+        ) from None
+
+
+def image_rows(rows: pa.Table, source: str) -> ray.data.Dataset:
+    """Ray Data rows of (image bytes, label JSON), read from the image source by the workers' tasks."""
+    return ray.data.from_arrow(rows.select(["image_id", "source_uri", "label"])).map_batches(
+        _ReadImages, fn_constructor_kwargs={"source": source}, batch_format="pyarrow", batch_size=16,
+        # Reading bytes is I/O: no CPU reserved, or it would wait forever behind workers holding every core.
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
+    )
+
+
+class _ReadImages:
+    def __init__(self, source: str) -> None:
+        self.fs, _ = resolve(source)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        data = []
+        for uri in batch["source_uri"].to_pylist():
+            with self.fs.open_input_stream(uri.split("://", 1)[-1]) as f:
+                data.append(f.read())
+        return batch.append_column("image", pa.array(data, pa.binary()))
+
+
+# ---------------------------------------------------------------- on each worker
+
+
+def train_student(config: dict) -> None:
+    """The training loop of one Ray Train worker."""
+    import deepspeed
+    from PIL import Image
+
+    from raydar.sft import collate
+
+    spec = DatasetSpec.model_validate({**config["spec"], "source_file": config["source_file"]})
+    s = spec.student
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(0)
+    student, builder, processor = build_student(spec, config["model_path"], config["positive_weights"])
+
+    ds_config = json.loads((DEEPSPEED_CONFIGS / f"zero{s.deepspeed_stage}.json").read_text())
+    ds_config.update(
+        train_micro_batch_size_per_gpu=s.batch_size,
+        gradient_accumulation_steps=1,
+        optimizer={"type": "AdamW", "params": {"lr": s.learning_rate, "weight_decay": 0.0}},
+        bf16={"enabled": bool(s.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())},
+    )
+    if s.cpu_offload and s.deepspeed_stage in (2, 3):
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if not s.use_gpu:
+        ds_config["optimizer"]["params"]["torch_adam"] = True  # the fused CPU Adam would compile C++ first
+    engine, _, _, _ = deepspeed.initialize(
+        model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=ds_config,
+        dist_init_required=False,
+    )
+
+    step, start_epoch, first_loss = 0, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "trainable.pt", map_location="cpu", weights_only=True)
+            meta = json.loads((Path(folder) / "metrics.json").read_text())
+        load_trainable(engine, state)
+        step, start_epoch, first_loss = meta["step"], meta["epoch"] + 1, meta.get("first_loss")
+
+    def batches(split: str):
+        shard = ray.train.get_dataset_shard(split)
+        for rows in shard.iter_batches(batch_size=s.batch_size, batch_format="pyarrow", prefetch_batches=2):
+            examples = [
+                builder.example(Image.open(io.BytesIO(data)).convert("RGB"), json.loads(label))
+                for data, label in zip(rows["image"].to_pylist(), rows["label"].to_pylist())
+            ]
+            yield collate(examples, processor.tokenizer.pad_token_id), [json.loads(x) for x in rows["label"].to_pylist()]
+
+    for epoch in range(start_epoch, s.epochs):
+        engine.train()
+        window: list[float] = []
+        seen, tick = 0, time.perf_counter()
+        for batch, labels in batches("train"):
+            loss = engine(batch, labels)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            window.append(float(loss))
+            first_loss = first_loss if first_loss is not None else float(loss)
+            seen += batch["input_ids"].shape[0]
+            if config["fail_at_step"] == step and rank == 0 and _first_failure(config["marker_dir"]):
+                os._exit(1)  # a worker dying mid-run; Ray Train restarts the group from the last checkpoint
+            if step % config["report_every"] == 0:
+                elapsed = time.perf_counter() - tick
+                ray.train.report({"step": step, "epoch": epoch, "loss": sum(window) / len(window),
+                                  "learning_rate": s.learning_rate, "images_per_s": seen * world / elapsed,
+                                  "peak_memory_mb": _peak_memory_mb()})
+            if config["max_steps"] and step >= config["max_steps"]:
+                break
+        _evaluation_mode(engine)
+        val_losses = []
+        with torch.no_grad():
+            for batch, labels in batches("val"):
+                val_losses.append(float(engine(batch, labels)))
+        metrics = {
+            "step": step, "epoch": epoch, "loss": sum(window) / max(1, len(window)), "first_loss": first_loss,
+            "val_loss": sum(val_losses) / len(val_losses) if val_losses else float("nan"),
+            "learning_rate": s.learning_rate, "peak_memory_mb": _peak_memory_mb(),
+        }
+        state = trainable_state(engine)  # every rank: ZeRO-3 gathers the partitioned weights collectively
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                save_checkpoint(Path(folder), engine.module, processor, spec, state, metrics)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+        if config["max_steps"] and step >= config["max_steps"]:
+            break
+
+
+class Student(torch.nn.Module):
+    """The PEFT model and, for multilabel and regression specs, the head on its pooled hidden state.
+    `forward(batch, labels)` returns the training loss, so DeepSpeed sees one module."""
+
+    def __init__(self, model, head) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, batch: dict, labels: list[dict]):
+        out = self.model(**batch, output_hidden_states=self.head is not None)
+        if self.head is None:
+            return out.loss
+        pooled = pool_hidden(out.hidden_states[-1], batch["attention_mask"])
+        targets = self.head.targets(labels).to(pooled.device)
+        return out.loss + self.head.loss(self.head(pooled), targets)
+
+
+def build_student(spec: DatasetSpec, model_path: str, positive_weights: list[float] | None = None):
+    """The base model with LoRA (and quantisation), its head, and the example builder."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    from raydar.heads import head_for
+    from raydar.models.families import FAMILIES
+    from raydar.sft import SFTExamples
+    from raydar.tasks import task_kind
+
+    s = spec.student
+    processor = AutoProcessor.from_pretrained(model_path)
+    quantisation = None
+    if s.quantisation == "4bit":
+        quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32)
+    elif s.quantisation == "8bit":
+        quantisation = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, quantization_config=quantisation,
+                                                        dtype=torch.float32)
+    if quantisation is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    vision = {n for n, _ in model.named_modules() if "visual" in n or "vision" in n}
+    targets = [n for n, m in model.named_modules()
+               if n.rsplit(".", 1)[-1] in s.lora.target_modules and (s.lora.vision or not _inside(n, vision))]
+    model = get_peft_model(model, LoraConfig(r=s.lora.rank, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
+                                             target_modules=targets))
+    family = FAMILIES[s.family]
+    kind = task_kind(spec.task, family.coordinates)
+    builder = SFTExamples(processor, family, kind, kind.prompt())
+    head = head_for(spec.task, model.config.get_text_config().hidden_size)
+    if head is not None and positive_weights is not None and hasattr(head, "pos_weight"):
+        head.pos_weight.copy_(torch.tensor(positive_weights))
+    return Student(model, head), builder, processor
+
+
+def _inside(name: str, prefixes: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def trainable_state(engine) -> dict:
+    """The trainable weights (LoRA, head) in full, gathered from every rank under ZeRO-3."""
+    import deepspeed
+
+    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None,
+                                           enabled=engine.zero_optimization_stage() == 3):
+        return {n: p.detach().clone().cpu() for n, p in params.items()}
+
+
+def load_trainable(engine, state: dict) -> None:
+    import deepspeed
+
+    params = {n: p for n, p in engine.module.named_parameters() if n in state}
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
+                                           enabled=engine.zero_optimization_stage() == 3):
+        for name, p in params.items():
+            p.data.copy_(state[name])
+
+
+def save_checkpoint(folder: Path, student, processor, spec: DatasetSpec, state: dict, metrics: dict) -> None:
+    """adapter/ (safetensors), head, processor, the spec and the metrics; `trainable.pt` for resuming."""
+    from raydar.heads import head_for, save_head
+
+    lora = {n[len("model."):]: t for n, t in state.items() if n.startswith("model.")}
+    student.model.save_pretrained(folder / "adapter", state_dict=lora)
+    if student.head is not None:
+        # A fresh head on the CPU: under ZeRO-3 the live one holds only this rank's slice of each weight.
+        head = head_for(spec.task, student.head.net[0].in_features)
+        buffers = dict(student.head.named_buffers())
+        head.load_state_dict({**buffers, **{n[len("head."):]: t for n, t in state.items() if n.startswith("head.")}})
+        save_head(head, folder)
+    processor.save_pretrained(folder / "processor")
+    (folder / "spec.json").write_text(spec.model_dump_json(indent=2))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    torch.save(state, folder / "trainable.pt")
+
+
+def _evaluation_mode(engine) -> None:
+    """eval() for dropout, except bitsandbytes' 4-bit layers (no dropout in them): in eval mode on the
+    CPU they repack their weights for an inference kernel, which fails on these shapes."""
+    engine.eval()
+    for module in engine.module.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.train()
+
+
+def _first_failure(marker_dir: str) -> bool:
+    marker = Path(marker_dir) / "injected-failure"
+    if marker.exists():
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return True
+
+
+def _peak_memory_mb() -> float:
+    import resource
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The fine-tune job on a real local Ray: Ray Train workers, DeepSpeed ZeRO, PEFT LoRA, tiny real models,
+labelled Parquet written by the real label job. Each run asserts the loss fell and the adapter changed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from cluster import StorageRoot, connect
+from jobs.finetune import finetune
+from jobs.label import label_images
+from raydar.spec import SpecError
+from tests.conftest import DEMO_SPEC
+from raydar.spec import load_spec
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """40 demo images labelled by the simulated teacher, on a module-wide local Ray."""
+    connect(num_cpus=2)
+    storage = StorageRoot(tmp_path_factory.mktemp("store"))
+    spec = student_spec()
+    result = label_images(spec, storage, progress=False)
+    assert result.ok_new == 40
+    yield storage
+    ray.shutdown()
+
+
+def student_spec(**student):
+    values = {"images.generate.n": 40, "images.generate.size": 96, "teacher.simulated.latency_s": 0.0,
+              "student.epochs": 2, "student.batch_size": 4, "student.learning_rate": 5e-3}
+    values.update({f"student.{k}": v for k, v in student.items()})
+    return load_spec(DEMO_SPEC, overrides=values)
+
+
+def adapter_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    return load_file(Path(checkpoint) / "adapter" / "adapter_model.safetensors")
+
+
+def assert_learned(result) -> None:
+    m = result.metrics
+    assert m["loss"] < m["first_loss"] and m["val_loss"] < result.history[0]["val_loss"] + 1e-6, m
+    weights = adapter_weights(result.checkpoint)
+    lora_b = [t for n, t in weights.items() if "lora_B" in n]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # LoRA B starts at zero: training moved it
+    assert not any("visual" in n for n in weights)  # the vision tower stayed frozen
+
+
+@pytest.mark.parametrize(("workers", "stage"), [(1, 2), (2, 3)], ids=["1-worker-zero2", "2-workers-zero3"])
+def test_lora_loss_falls_and_adapter_changes(labelled, workers, stage):
+    spec = student_spec(workers=workers, deepspeed_stage=stage)
+    result = finetune(spec, labelled, run_name=f"w{workers}-z{stage}", report_every=2)
+    assert_learned(result)
+    folder = Path(result.checkpoint)
+    for name in ("adapter/adapter_config.json", "processor/processor_config.json", "spec.json", "metrics.json"):
+        assert (folder / name).is_file(), name
+
+
+def test_qlora_4bit_trains(labelled):
+    spec = student_spec(quantisation="4bit", deepspeed_stage=0, epochs=1)
+    result = finetune(spec, labelled, run_name="qlora", report_every=2)
+    assert result.metrics["loss"] < result.metrics["first_loss"]
+    assert any(t.abs().sum() > 0 for n, t in adapter_weights(result.checkpoint).items() if "lora_B" in n)
+
+
+def test_a_worker_that_dies_mid_run_resumes_from_the_last_checkpoint(labelled):
+    spec = student_spec(deepspeed_stage=2)
+    result = finetune(spec, labelled, run_name="dies", report_every=100, fail_at_step=9)  # 7 steps an epoch
+    epochs = [h["epoch"] for h in result.history]
+    steps = [h["step"] for h in result.history]
+    assert labelled.exists("demo_cells", "train", "dies", "injected-failure")  # a worker did die at step 9
+    assert epochs == [0, 1], result.history  # epoch 0 was not trained again: resumed from its checkpoint
+    assert steps == [7, 14]  # the step count went on from the checkpoint
+    assert result.metrics["loss"] < result.metrics["first_loss"]
+
+
+@pytest.mark.parametrize(
+    ("student", "message"),
+    [
+        ({"base_model": "/nowhere/model"}, "neither a folder nor in the local Hugging Face cache"),
+        ({"base_model": "raydar-tiny-gpt"}, "unknown tiny model"),
+        ({"quantisation": "8bit", "deepspeed_stage": 3}, "ZeRO-3 partitions weights"),
+    ],
+    ids=["unknown-model", "unknown-tiny-model", "zero3-with-8bit"],
+)
+def test_impossible_requests_fail_before_any_worker_starts(labelled, student, message):
+    start = time.monotonic()
+    with pytest.raises(SpecError, match=message):
+        finetune(student_spec(**student), labelled, run_name="never")
+    assert time.monotonic() - start < 10
+    assert not labelled.exists("demo_cells", "train", "never")
+
+
+def test_no_labelled_rows_is_a_clear_error(labelled, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no labels yet"):
+        finetune(student_spec(), StorageRoot(tmp_path / "empty"), run_name="never")
