@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     connect(args.address)
     try:
         result = finetune(spec, storage, run_name=args.run_name, max_steps=args.max_steps)
-    except SpecError as e:
+    except (SpecError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result.summary())
