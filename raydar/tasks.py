@@ -79,6 +79,7 @@ class TaskKind:
             raise ValueError(f"coordinates must be one of {', '.join(COORDINATE_SCALES)}, got {coordinates!r}")
         self.spec = spec
         self.coordinates = coordinates
+        self.classes = _ClassNames(spec.ontology) if hasattr(spec, "ontology") else None
 
     def prompt(self) -> str:
         if self.spec.prompt:
@@ -175,10 +176,6 @@ class Points(TaskKind):
     name = "points"
     spec: PointsTask
 
-    def __init__(self, spec: PointsTask, coordinates: str = "normalized") -> None:
-        super().__init__(spec, coordinates)
-        self.classes = _ClassNames(spec.ontology)
-
     def _format_help(self) -> str:
         return (
             f"Classes:\n{self.classes.describe(self.spec.ontology)}\n\n"
@@ -231,10 +228,6 @@ class Boxes(TaskKind):
 
     name = "boxes"
     spec: BoxesTask
-
-    def __init__(self, spec: BoxesTask, coordinates: str = "normalized") -> None:
-        super().__init__(spec, coordinates)
-        self.classes = _ClassNames(spec.ontology)
 
     def _format_help(self) -> str:
         desc = ', "description": "<what it is and what it is doing>"' if self.spec.describe_objects else ""
@@ -310,10 +303,6 @@ class Caption(TaskKind):
     name = "caption"
     spec: CaptionTask
 
-    def __init__(self, spec: CaptionTask, coordinates: str = "normalized") -> None:
-        super().__init__(spec, coordinates)
-        self.classes = _ClassNames(spec.ontology)
-
     def _format_help(self) -> str:
         return (
             f"Entities:\n{self.classes.describe(self.spec.ontology)}\n\n"
@@ -338,10 +327,6 @@ class Multilabel(TaskKind):
 
     name = "multilabel"
     spec: MultilabelTask
-
-    def __init__(self, spec: MultilabelTask, coordinates: str = "normalized") -> None:
-        super().__init__(spec, coordinates)
-        self.classes = _ClassNames(spec.ontology)
 
     def _format_help(self) -> str:
         return (
