@@ -141,6 +141,8 @@ def finetune(
         ),
         datasets={"train": image_rows(train_rows, source), "val": image_rows(val_rows, source)},
     )
+    # The dashboard's Train view shows a run only when its driver tracks state (read when fit() starts).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     result = trainer.fit()
     best = min(result.best_checkpoints, key=lambda c: c[1].get("val_loss", float("inf")))[0] \
         if result.best_checkpoints else None
