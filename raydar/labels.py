@@ -12,7 +12,6 @@ module stays free of how Ray and storage are reached.
 from __future__ import annotations
 
 import io
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -98,8 +97,7 @@ class LabelStore:
                 sort_keys=[("ok", "descending"), ("t", "descending")],
             )
             table = table.take(order)
-            _, first = _first_of_each(table["image_id"].to_pylist())
-            table = table.take(pa.array(first)).sort_by("image_id")
+            table = table.take(pa.array(_first_of_each(table["image_id"].to_pylist()))).sort_by("image_id")
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         return self.root.write_bytes(buf.getvalue(), SNAPSHOT), table.num_rows
@@ -150,12 +148,9 @@ class LabelStore:
         return self.root.read_json(MANIFEST) if self.root.exists(MANIFEST) else None
 
 
-def _first_of_each(keys: list[str]) -> tuple[list[str], list[int]]:
+def _first_of_each(keys: list[str]) -> list[int]:
+    """Index of the first occurrence of each key."""
     seen: dict[str, int] = {}
     for i, k in enumerate(keys):
         seen.setdefault(k, i)
-    return list(seen), list(seen.values())
-
-
-def now_utc_ms() -> int:
-    return int(time.time() * 1000)
+    return list(seen.values())

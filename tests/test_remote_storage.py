@@ -3,7 +3,6 @@ through pyarrow filesystem URIs, as a user's bucket would be."""
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 
