@@ -70,12 +70,17 @@ def _listen_on_loopback() -> None:
 
 
 def auth_token_available() -> bool:
+    return auth_token() is not None
+
+
+def auth_token() -> str | None:
+    """The token a client presents, found where Ray looks: $RAY_AUTH_TOKEN, the file named by
+    $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. None if there is none."""
     if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if path:
-        return Path(path).expanduser().is_file()
-    return (Path.home() / ".ray" / "auth_token").is_file()
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    token = path.read_text().strip() if path.is_file() else ""
+    return token or None
 
 
 def dashboard_url() -> str | None:
