@@ -1,0 +1,414 @@
+"""The detection endpoint on a real local Ray Serve, over real HTTP (httpx on 127.0.0.1).
+
+One Serve application for the module (start-up is slow on 2 cores): the fine-tuned member is the tiny
+test student (it always answers one point), the RAG member asks the *simulated* teacher (answers from
+the demo's ground truth) with examples from a real Chroma knowledge base. Tests that break things (a
+burst, a killed replica, a redeploy) come last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+from PIL import Image
+
+from cluster import StorageRoot, connect
+from jobs.index import index_labels
+from jobs.label import FEEDBACK_MODEL, label_feedback, label_images
+from raydar.demo import read_ground_truth
+from raydar.feedback import FeedbackLog
+from raydar.labels import LabelStore
+from raydar.metrics import score
+from raydar.spec import load_spec
+from serving.app import DetectResponse, ServeArgs, _read_token, build_app
+from tests.conftest import DEMO_SPEC, REPO, STUDENT_ANSWER, start_teacher
+
+APP = "raydar"
+TOKEN = "test-token-5f1c0a"
+LABELLED = 30  # the first 30 demo images are labelled and in the knowledge base; the other 10 are new
+
+
+class Served:
+    def __init__(self, url, args, spec, storage, demo_folder, truth, v1) -> None:
+        self.url, self.args, self.spec, self.storage = url, args, spec, storage
+        self.demo_folder, self.truth, self.v1 = demo_folder, truth, v1
+
+    def image(self, i: int) -> bytes:
+        return (self.demo_folder / self.truth[i]["file"]).read_bytes()
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, demo_folder, student_checkpoint):
+    teacher = start_teacher(demo_folder, latency_s=0.01)  # the RAG member's VLM (a simulator)
+    storage = StorageRoot(tmp_path_factory.mktemp("serving") / "store")
+    overrides = {"images.uri": str(demo_folder), "images.generate": None, "teacher.base_url": teacher.base_url,
+                 "teacher.timeout_s": 5, "teacher.backoff_s": 0.05}
+    spec = load_spec(DEMO_SPEC, overrides=overrides)
+    connect(num_cpus=8)  # logical CPUs: room for a redeploy's surge replicas beside the running ones
+    assert label_images(spec, storage, limit=LABELLED, progress=False).ok_new == LABELLED
+    index_labels(spec, storage)
+    token_file = tmp_path_factory.mktemp("secrets") / "token"
+    token_file.write_text(TOKEN + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "spec": str(DEMO_SPEC), "set": overrides, "storage": storage.uri,
+        "adapters": {"v1": str(student_checkpoint)}, "token_env": "RAYDAR_TEST_UNSET_TOKEN",
+        "token_file": str(token_file), "max_request_bytes": 1_000_000, "max_image_pixels": 1_000_000,
+        "request_timeout_s": 20, "member_timeout_s": 8, "max_new_tokens": 40, "batch_wait_timeout_s": 0.05,
+        "feedback": {"flush_s": 0.3},
+        "ingress": {"max_ongoing_requests": 4, "max_queued_requests": 4, "num_cpus": 0.5},
+        "finetuned": {"max_ongoing_requests": 8, "max_queued_requests": 32, "num_cpus": 1},
+        "rag": {"max_ongoing_requests": 16, "num_cpus": 0.5},
+    }
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    yield Served(f"http://127.0.0.1:{port}", args, spec, storage, demo_folder, read_ground_truth(demo_folder),
+                 student_checkpoint)
+    serve.shutdown()
+    ray.shutdown()
+    teacher.stop()
+
+
+def detect(client: httpx.Client, data: bytes, **params) -> httpx.Response:
+    return client.post("/v1/detect", files={"image": ("cells.png", data, "image/png")}, params=params)
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_fused_results_on_demo_images(served):
+    predictions, truths = [], []
+    with served.client() as client:
+        for i in range(4):
+            response = detect(client, served.image(i))
+            assert response.status_code == 200, response.text
+            body = DetectResponse.model_validate(response.json())
+            tuned, rag = body.members["finetuned"], body.members["rag"]
+            assert (tuned.status, rag.status) == ("ok", "ok") and not body.degraded
+            assert tuned.raw == STUDENT_ANSWER and tuned.adapter == "v1" and tuned.adapter_version.startswith("sha256:")
+            assert tuned.model == "raydar-tiny-qwen2-vl" and rag.model == "raydar-simulated-teacher"
+            assert rag.examples and body.image_id not in rag.examples  # the query is never its own example
+            # Fusion: each member weighs 1; a point only RAG found has score 1.0 / 2, the student's lone point
+            # (scored from its token probabilities, ~0.004) falls under the spec's 0.3 threshold.
+            assert all(p["score"] == pytest.approx(0.5, abs=0.01) for p in body.fused["points"])
+            assert len(body.fused["points"]) == len(rag.label["points"])
+            assert body.agreement is not None and body.agreement < 0.5 and body.hard_example
+            predictions.append(body.fused)
+            truths.append(served.truth[i]["label"])
+    # The fused answer is as good as the (simulated) RAG member's: the student added no wrong point.
+    assert score(served.spec.task, predictions, truths)["detection"]["f1"] >= 0.8
+
+
+def test_json_base64_and_raw_bodies_answer_alike(served):
+    data = served.image(5)
+    with served.client() as client:
+        by_json = client.post("/v1/detect", json={"image": base64.b64encode(data).decode(), "adapter": "v1"})
+        by_data_url = client.post("/v1/detect", json={"image": "data:image/png;base64," + base64.b64encode(data).decode()})
+        by_body = client.post("/v1/detect", content=data, headers={"Content-Type": "image/png"})
+    fused = [r.json()["fused"] for r in (by_json, by_data_url, by_body)]
+    assert all(r.status_code == 200 for r in (by_json, by_data_url, by_body))
+    assert fused[0] == fused[1] == fused[2]
+    assert by_json.json()["image_id"] == by_body.json()["image_id"]
+
+
+def test_concurrent_requests_are_batched(served):
+    async def burst():
+        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {TOKEN}"},
+                                     timeout=60) as client:
+            return await asyncio.gather(*[client.post("/v1/detect", files={"image": ("c.png", served.image(i))})
+                                          for i in range(4)])
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 4
+    assert max(r.json()["members"]["finetuned"]["batch_size"] for r in responses) > 1
+
+
+# ---------------------------------------------------------------- the documented API and its guards
+
+
+def test_the_documented_api(served):
+    with served.client(token=None) as anonymous:
+        spec = anonymous.get("/openapi.json").json()  # docs are public: they hold no data
+        assert anonymous.get("/docs").status_code == 200
+    assert {"/v1/detect", "/v1/feedback", "/v1/models", "/v1/stats", "/healthz", "/readyz"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert spec["paths"]["/v1/detect"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "DetectResponse" in spec["components"]["schemas"]
+    with served.client() as client:
+        models = client.get("/v1/models").json()
+        assert models["task"] == "points" and models["members"]["finetuned"]["adapters"] == ["v1"]
+        assert models["members"]["rag"]["knowledge_base_entries"] == LABELLED
+        assert client.get("/readyz").json() == {"ready": True, "members": {"finetuned": "ready", "rag": "ready"}}
+
+
+def test_auth(served, monkeypatch, tmp_path):
+    with served.client(token=None) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/readyz").status_code == 200
+        for path in ("/v1/models", "/v1/stats"):
+            response = anonymous.get(path)
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert detect(anonymous, served.image(0)).status_code == 401
+    with served.client(token=TOKEN + "x") as wrong:
+        assert wrong.get("/v1/models").status_code == 401
+        assert wrong.post("/v1/feedback", json={}).status_code == 401
+    with served.client(token=TOKEN) as right:
+        assert right.get("/v1/models").status_code == 200
+    # the token: the environment variable first, else the secret file, never the config
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    monkeypatch.setenv("RAYDAR_TEST_TOKEN", "from-env")
+    assert _read_token("RAYDAR_TEST_TOKEN", str(secret)) == "from-env"
+    monkeypatch.delenv("RAYDAR_TEST_TOKEN")
+    assert _read_token("RAYDAR_TEST_TOKEN", str(secret)) == "from-file"
+    with pytest.raises(RuntimeError, match=r"set \$RAYDAR_TEST_TOKEN or the file"):
+        _read_token("RAYDAR_TEST_TOKEN", str(tmp_path / "missing"))
+
+
+def _png(size: tuple[int, int], mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_every_bad_input_gets_its_status_and_the_replicas_stay_healthy(served):
+    good = served.image(0)
+    bomb = _png((1500, 1500))  # 2.25 M pixels in a few kB: over the 1 M limit, refused from its header
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+
+    def chunks():
+        for _ in range(12):
+            yield b"\0" * 100_000
+
+    cases = [
+        ("body over the size limit", 413, "over the limit", dict(content=b"\x89PNG" + b"\0" * 1_200_000,
+                                                                 headers={"Content-Type": "image/png"})),
+        ("chunked body over the limit", 413, "over the limit", dict(content=chunks(),
+                                                                    headers={"Content-Type": "image/png"})),
+        ("decompression bomb", 413, "2,250,000 pixels", dict(files={"image": ("bomb.png", bomb)})),
+        ("gif", 415, "gif images are not accepted", dict(files={"image": ("a.gif", gif.getvalue())})),
+        ("not an image", 415, "not an image", dict(files={"image": ("a.png", b"hello, not an image")})),
+        ("truncated png", 400, "truncated", dict(files={"image": ("a.png", good[: len(good) // 2])})),
+        ("wrong content type", 415, "content type", dict(content=b"hello", headers={"Content-Type": "text/plain"})),
+        ("malformed json", 400, "malformed JSON", dict(content=b'{"image": ', headers={"Content-Type": "application/json"})),
+        ("bad base64", 400, "not valid base64", dict(json={"image": "not*base64!"})),
+        ("missing field", 400, "image: Field required", dict(json={"adapter": "v1"})),
+        ("a url to fetch", 400, "URLs are not fetched", dict(json={"image": "https://example.com/cell.png"})),
+        ("a url field", 400, "URLs are not fetched", dict(json={"url": "https://example.com/cell.png"})),
+        ("multipart without image", 400, "file field `image`", dict(files={"picture": ("a.png", good)})),
+        ("unknown adapter", 404, "no adapter 'v9'", dict(files={"image": ("a.png", good)}, params={"adapter": "v9"})),
+    ]
+    with served.client() as client:
+        for name, status, reason, request in cases:
+            response = client.post("/v1/detect", **request)
+            assert response.status_code == status, (name, response.text)
+            assert reason in response.json()["error"]["message"], (name, response.text)
+        feedback = client.post("/v1/feedback", json={"image_id": "abc", "label": {"points": []}})
+        assert feedback.status_code == 400 and "sha256" in feedback.text
+        assert client.get("/readyz").status_code == 200
+        assert detect(client, good).status_code == 200  # every replica still answers
+        stats = client.get("/v1/stats").json()
+    assert stats["requests"]["by_status"]["413"] >= 3 and stats["requests"]["by_status"]["415"] >= 3
+
+
+# ---------------------------------------------------------------- the feedback loop
+
+
+def test_feedback_rows_are_logged_and_become_training_data(served):
+    new = list(range(LABELLED, LABELLED + 3))  # images the labels and the knowledge base do not hold yet
+    with served.client() as client:
+        answers = [detect(client, served.image(i)).json() for i in new]
+        corrected = answers[0]
+        truth = served.truth[new[0]]["label"]
+        response = client.post("/v1/feedback", json={"image_id": corrected["image_id"], "label": truth,
+                                                     "request_id": corrected["request_id"], "comment": "two missed"})
+        assert response.status_code == 202, response.text
+        assert response.json()["training_samples"] >= 3
+        unknown = client.post("/v1/feedback", json={"image_id": "0" * 64, "label": truth})
+        assert unknown.status_code == 404 and "send it in `image`" in unknown.text
+    log = FeedbackLog(served.storage.child("demo_cells", "feedback"))
+    deadline = time.monotonic() + 10
+    while {a["request_id"] for a in answers} - set(log.read()["request_id"].to_pylist()):
+        assert time.monotonic() < deadline, "detection rows were not written"
+        time.sleep(0.2)
+    table = log.read().to_pylist()
+    rows = {r["request_id"]: r for r in table if r["kind"] == "detection"}
+    for answer in answers:
+        row = rows[answer["request_id"]]
+        assert row["image_id"] == answer["image_id"]
+        assert json.loads(row["fused"]) == answer["fused"]
+        assert json.loads(row["members"]) == {n: m["label"] for n, m in answer["members"].items()}
+        assert row["hard"] is answer["hard_example"] is True
+        assert row["adapter"] == f"v1@{answer['members']['finetuned']['adapter_version']}"
+        assert log.root.read_bytes("images", row["image_file"]) == served.image(new[answers.index(answer)])
+    [feedback] = [r for r in table if r["kind"] == "feedback"]
+    assert feedback["request_id"] == corrected["request_id"] and feedback["comment"] == "two missed"
+    assert json.loads(feedback["label"])["points"][0]["x"] == pytest.approx(truth["points"][0]["x"])
+
+    result = label_feedback(served.spec, served.storage, progress=False)  # `raydar label --from-feedback`
+    assert result.new_corrections == 1
+    assert result.labelled.ok_new == 2  # the two uncorrected new images went to the teacher
+    labels = {r["image_id"]: r for r in LabelStore(served.storage.child("demo_cells", "labels")).read_labels()
+              .to_pylist()}
+    assert all(a["image_id"] in labels for a in answers)
+    mine = labels[corrected["image_id"]]
+    assert mine["teacher_model"] == FEEDBACK_MODEL and len(json.loads(mine["label"])["points"]) == len(truth["points"])
+    again = label_feedback(served.spec, served.storage, progress=False)
+    assert again.new_corrections == 0 and again.labelled.ok_new == 0  # nothing twice
+
+
+# ---------------------------------------------------------------- overload, failures, redeploys
+
+
+def test_a_burst_over_the_limits_gets_503_and_recovers(served):
+    async def burst():
+        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {TOKEN}"},
+                                     timeout=60, limits=httpx.Limits(max_connections=100)) as client:
+            return await asyncio.gather(*[client.post("/v1/detect", files={"image": ("c.png", served.image(i % 8))})
+                                          for i in range(40)])
+
+    statuses = [r.status_code for r in asyncio.run(burst())]
+    assert set(statuses) <= {200, 503} and statuses.count(503) >= 20 and statuses.count(200) >= 4, statuses
+    with served.client() as client:
+        assert client.get("/readyz").status_code == 200
+        assert detect(client, served.image(1)).status_code == 200
+
+
+class Load:
+    """Closed-loop load from `clients` threads until stopped: (time, status, body) of every answer."""
+
+    def __init__(self, served: Served, clients: int = 2) -> None:
+        self.served, self.answers, self.stop = served, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(k,)) for k in range(clients)]
+
+    def _run(self, k: int) -> None:
+        with self.served.client() as client:
+            i = k
+            while not self.stop.is_set():
+                response = detect(client, self.served.image(i % 8))
+                self.answers.append((time.monotonic(), response.status_code,
+                                     response.json() if response.status_code == 200 else response.text))
+                i += 1
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def test_a_member_killed_under_load_degrades_answers_and_the_endpoint_keeps_answering(served):
+    from ray import serve
+
+    with Load(served) as load:
+        time.sleep(2)
+        [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith(f"SERVE_REPLICA::{APP}#FineTunedDetector#")]
+        killed = time.monotonic()
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        deadline = killed + 90
+        while time.monotonic() < deadline:  # until a new replica answers again
+            if any(t > killed and s == 200 and b["members"]["finetuned"]["status"] == "ok" and not b["degraded"]
+                   for t, s, b in list(load.answers)):
+                break
+            time.sleep(0.5)
+    after = [(t, s, b) for t, s, b in load.answers if t > killed]
+    assert all(s == 200 for _, s, _ in load.answers), [(s, b) for _, s, b in load.answers if s != 200]
+    degraded = [b for _, _, b in after if b["degraded"]]
+    assert degraded, "no answer was degraded after the kill"
+    for b in degraded:  # the student left out: the answer is RAG's alone, each point backed by all the weight left
+        assert b["members"]["finetuned"]["status"] in ("failed", "timeout") and b["members"]["rag"]["status"] == "ok"
+        assert len(b["fused"]["points"]) == len(b["members"]["rag"]["label"]["points"])
+        assert all(p["score"] == 1.0 for p in b["fused"]["points"])
+    assert not after[-1][2]["degraded"], "the student never came back"
+    status = serve.status().applications[APP]
+    assert status.status == "RUNNING"
+
+
+def version(checkpoint: Path) -> str:
+    return "sha256:" + hashlib.sha256((checkpoint / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+
+
+def _new_adapter_version(checkpoint: Path, folder: Path) -> Path:
+    """A copy of the checkpoint with its LoRA B weights scaled by 1.01: another adapter version, same answers."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, folder)
+    weights = folder / "adapter" / "adapter_model.safetensors"
+    tensors = {k: v * 1.01 if "lora_B" in k else v for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder
+
+
+def test_a_new_adapter_is_deployed_while_the_endpoint_keeps_answering(served, tmp_path):
+    from ray import serve
+
+    v2 = _new_adapter_version(served.v1, tmp_path / "v2")
+    args = {**served.args, "adapters": {"v1": str(served.v1), "v2": str(v2)}, "default_adapter": "v2"}
+    with Load(served) as load:
+        time.sleep(2)
+        started = time.monotonic()
+        serve.run(build_app(args), name=APP, route_prefix="/")  # a rolling update; old replicas serve until then
+        deployed = time.monotonic()
+        time.sleep(3)
+    assert load.answers and all(s == 200 for _, s, _ in load.answers), [s for _, s, _ in load.answers]
+    during = [b for t, _, b in load.answers if started <= t <= deployed]
+    assert during, "no request was answered during the redeploy"
+    assert all(b["members"]["finetuned"]["status"] == "ok" for b in during)
+    before = [b["members"]["finetuned"] for t, _, b in load.answers if t < started]
+    last = load.answers[-1][2]["members"]["finetuned"]
+    assert before[0]["adapter"] == "v1" and before[0]["adapter_version"] == version(served.v1)
+    assert last["adapter"] == "v2" and last["adapter_version"] == version(v2) != version(served.v1)
+    with served.client() as client:
+        assert client.get("/v1/models").json()["members"]["finetuned"]["adapters"] == ["v1", "v2"]
+        assert detect(client, served.image(0), adapter="v1").json()["members"]["finetuned"]["adapter"] == "v1"
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_the_shipped_serve_config_is_valid():
+    config = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    [app] = config["applications"]
+    assert app["import_path"] == "serving.app:build_app"
+    args = ServeArgs.model_validate(app["args"])
+    assert args.default_adapter in args.adapters
+    assert config["http_options"]["host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"spec": "x.yaml", "batching": "sometimes"}, "batching"),
+    ({"spec": "x.yaml", "adapters": {"v1": "/a"}, "default_adapter": "v2"}, "default_adapter 'v2' is not one of"),
+    ({"spec": "x.yaml", "tokens": "abc"}, "tokens: Extra inputs are not permitted"),
+    ({"spec": "x.yaml", "member_timeout_s": 60, "request_timeout_s": 30}, "must not exceed"),
+], ids=["bad-type", "unknown-default", "unknown-field", "timeouts"])
+def test_bad_args_are_refused_naming_the_field(args, message):
+    with pytest.raises(ValueError, match=message):
+        build_app(args)
