@@ -2,7 +2,12 @@
 
     raydar run --spec datasets/demo_cells.yaml        # the whole pipeline (the main job)
     raydar label --spec datasets/demo_cells.yaml      # one stage
+    raydar label --spec datasets/demo_cells.yaml --from-feedback   # what the endpoint collected, to the teacher
     raydar finetune --spec datasets/demo_cells.yaml   # LoRA fine-tune on Ray Train + DeepSpeed
+    raydar evaluate --spec datasets/demo_cells.yaml   # every detector on held-out data; report.html
+    raydar kb build --spec datasets/demo_cells.yaml   # the knowledge base; also kb search|list|stats
+    raydar submit label --spec datasets/demo_cells.yaml   # a stage as a job on a Ray cluster
+    raydar status                                     # this project's jobs on the cluster
     raydar teacher serve --ground-truth DIR           # the simulated teacher, for offline work
     raydar demo make --out DIR --n 200                # the synthetic demo images
     raydar spec check datasets/*.yaml                 # validate specs
@@ -27,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.label import main as run
     elif command == "finetune":
         from jobs.finetune import main as run
+    elif command == "evaluate":
+        from jobs.evaluate import main as run
+    elif command == "submit":
+        from cluster.submit import main_submit as run
+    elif command == "status":
+        from cluster.submit import main_status as run
+    elif command == "kb":
+        from jobs.index import kb_main as run
     elif command == "teacher" and rest[:1] == ["serve"]:
         from raydar.teacher.simulated import main as run
 

@@ -8,8 +8,11 @@ the ZeRO stage, the labelled rows) before any worker starts. Each worker loads t
 (optionally 4-bit NF4 or 8-bit through bitsandbytes), puts LoRA on the language model (the vision
 tower stays frozen unless `student.lora.vision`), adds the task's head for multilabel and
 regression specs, and trains under DeepSpeed ZeRO 0, 2 or 3 (configs in cluster/deepspeed/) on its
-shard of a Ray Data stream. Loss on the answer tokens only (raydar.sft). Every epoch it reports
-validation loss and a checkpoint (adapter as safetensors, head, processor, spec, metrics); the best
+shard of a Ray Data stream: the images are read once into the object store, and each epoch Ray tasks
+decode, augment and run the processor ahead of the loop, which only pads. Loss on the answer tokens
+only (raydar.sft); warm-up then cosine decay. Every few steps it reports loss, learning rate, step
+time, throughput, data wait and memory (also to TensorBoard when installed); every epoch validation
+loss and a checkpoint (adapter as safetensors, head, processor, spec, metrics, history); the best
 and the last are kept. A worker that dies is replaced and the run resumes from its last checkpoint;
 so does a run started again with the same `--run-name`.
 """
@@ -26,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -39,10 +43,10 @@ from cluster.storage import resolve
 from jobs.label import add_common_arguments, resolve_source, spec_from_args
 from raydar.heads import pool_hidden
 from raydar.labels import LabelStore
+from raydar.models import resolve_base_model
 from raydar.spec import DatasetSpec, SpecError
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
-TINY_PREFIX = "raydar-tiny-"  # base_model: raydar-tiny-qwen2-vl etc.: built from config, no download
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     add_common_arguments(parser)
     parser.add_argument("--run-name", default=None, help="Name of the run; the same name resumes it.")
     parser.add_argument("--max-steps", type=int, default=None, help="Stop after this many optimiser steps.")
+    parser.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                        help="Skip scoring the base and the tuned student on the held-out split afterwards.")
     args = parser.parse_args(argv)
     spec = spec_from_args(args)
     storage = StorageRoot(args.storage)
@@ -59,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(result.summary())
+    print(result.summary(), flush=True)
+    if args.evaluate and (result.best_checkpoint or result.checkpoint):
+        from jobs.evaluate import evaluate
+
+        scored = evaluate(spec, storage, checkpoint=result.best_checkpoint or result.checkpoint,
+                          members=["base", "finetuned"], report=False, progress=not args.quiet)
+        print("before and after: " + scored.summary())
     return 0
 
 
@@ -91,9 +103,11 @@ def finetune(
     max_steps: int | None = None,
     fail_at_step: int | None = None,
     report_every: int = 5,
+    placement_strategy: str = "PACK",
 ) -> FinetuneResult:
     """Train the spec's student on its labelled rows. Ray must be up. `fail_at_step` kills a worker
-    once at that step (for the resume test)."""
+    once at that step (for the resume test). `placement_strategy` places the workers: PACK (fewest
+    nodes), SPREAD, or STRICT_SPREAD (one worker per node)."""
     student = spec.student
     check_student(spec)
     model_path = resolve_base_model(student.base_model, student.family)
@@ -125,11 +139,15 @@ def finetune(
         "report_every": report_every,
         "marker_dir": root.join("train", run_name),  # where a test's injected failure leaves its mark
         "positive_weights": positive_weights,
+        "total_steps": total_steps(train_rows.num_rows, student, max_steps),
+        "log_dir": _tensorboard_dir(root, run_name),
     }
     trainer = TorchTrainer(
         train_student,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=student.workers, use_gpu=student.use_gpu),
+        scaling_config=ScalingConfig(num_workers=student.workers, use_gpu=student.use_gpu,
+                                     resources_per_worker={"CPU": student.cpus_per_worker},
+                                     placement_strategy=placement_strategy),
         run_config=RunConfig(
             name=run_name,
             storage_path=root.join("train"),
@@ -139,10 +157,15 @@ def finetune(
             ),
             failure_config=FailureConfig(max_failures=2),
         ),
-        datasets={"train": image_rows(train_rows, source), "val": image_rows(val_rows, source)},
+        datasets={"train": example_rows(train_rows, source, spec, str(model_path), augment=student.augment),
+                  "val": example_rows(val_rows, source, spec, str(model_path), augment=False)},
     )
-    # The dashboard's Train view shows a run only when its driver tracks state (read when fit() starts).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    # The dashboard's Train view shows a run only when its driver tracks state (read when fit() starts);
+    # without a dashboard the tracker only logs that it cannot reach one.
+    from cluster.connect import dashboard_url
+
+    if dashboard_url():
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     result = trainer.fit()
     best = min(result.best_checkpoints, key=lambda c: c[1].get("val_loss", float("inf")))[0] \
         if result.best_checkpoints else None
@@ -151,9 +174,33 @@ def finetune(
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         best_checkpoint=best.path if best else None,
         metrics=result.metrics or {},
-        history=sorted(result.metrics_dataframe.to_dict("records"), key=lambda m: m["step"])
-        if result.metrics_dataframe is not None else [],
+        history=_saved_history(result.checkpoint),
     )
+
+
+def _saved_history(checkpoint) -> list[dict]:
+    """Every report of the run, as the last checkpoint saved them (history.json)."""
+    if checkpoint is None:
+        return []
+    try:
+        with checkpoint.as_directory() as folder:
+            return json.loads((Path(folder) / "history.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def total_steps(rows: int, student, max_steps: int | None) -> int:
+    """Optimiser steps of the whole run (the learning-rate schedule's length)."""
+    per_epoch = -(-rows // (student.batch_size * student.workers))
+    return min(per_epoch * student.epochs, max_steps or per_epoch * student.epochs)
+
+
+def _tensorboard_dir(root: StorageRoot, run_name: str) -> str | None:
+    """TensorBoard events beside the run on a local root (`tensorboard --logdir` on it); none on a bucket."""
+    try:
+        return str(root.local_path("train", run_name, "tensorboard"))
+    except ValueError:
+        return None
 
 
 def check_student(spec: DatasetSpec) -> None:
@@ -169,38 +216,20 @@ def check_student(spec: DatasetSpec) -> None:
         raise SpecError(f"{where}: student.quantisation: {s.quantisation} training on the CPU runs one worker only")
 
 
-def resolve_base_model(name: str, family: str) -> Path:
-    """A local folder, a tiny model built here (`raydar-tiny-<family>`), or a model in the local cache."""
-    if name.startswith(TINY_PREFIX):
-        from raydar.models.tiny import TINY_FAMILIES, build_tiny_model
-
-        tiny = name[len(TINY_PREFIX):].replace("-", "_")
-        if tiny not in TINY_FAMILIES:
-            raise SpecError(f"student.base_model: unknown tiny model {name!r}; expected raydar-tiny-<"
-                            f"{'|'.join(f.replace('_', '-') for f in TINY_FAMILIES)}>")
-        return build_tiny_model(tiny)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise SpecError(f"student.base_model: {path} holds no config.json; not a Hugging Face model folder")
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        raise SpecError(
-            f"student.base_model: {name!r} is neither a folder nor in the local Hugging Face cache; download it "
-            "first (huggingface-cli download) or give its folder"
-        ) from None
-
-
-def image_rows(rows: pa.Table, source: str) -> ray.data.Dataset:
-    """Ray Data rows of (image bytes, label JSON), read from the image source by the workers' tasks."""
-    return ray.data.from_arrow(rows.select(["image_id", "source_uri", "label"])).map_batches(
+def example_rows(rows: pa.Table, source: str, spec: DatasetSpec, model_path: str, *, augment: bool) -> ray.data.Dataset:
+    """Ray Data rows of ready model inputs: the image bytes are read once and kept in the object store,
+    then every pass (epoch) decodes, augments and runs the model's processor on Ray tasks ahead of
+    the training loop, which only pads them into batches."""
+    images = ray.data.from_arrow(rows.select(["image_id", "source_uri", "label"])).map_batches(
         _ReadImages, fn_constructor_kwargs={"source": source}, batch_format="pyarrow", batch_size=16,
         # Reading bytes is I/O: no CPU reserved, or it would wait forever behind workers holding every core.
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
+    ).materialize()
+    spec_json = spec.model_dump_json()
+    return images.map_batches(
+        _make_examples, fn_kwargs={"spec_json": spec_json, "model_path": model_path, "augment": augment},
+        batch_format="pyarrow", batch_size=spec.student.batch_size, num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=1),
     )
 
 
@@ -216,13 +245,48 @@ class _ReadImages:
         return batch.append_column("image", pa.array(data, pa.binary()))
 
 
+_BUILDERS: dict[str, tuple] = {}  # per Ray worker process: the example builder of each (spec, model)
+
+
+def _make_examples(batch: pa.Table, spec_json: str, model_path: str, augment: bool) -> pa.Table:
+    """Decode, (augment,) and turn each row into the student's tensors, serialised for the trainer."""
+    from PIL import Image, ImageOps
+
+    from raydar.sft import augmented
+
+    key = spec_json + model_path
+    if key not in _BUILDERS:
+        from transformers import AutoProcessor
+
+        from raydar.models.families import FAMILIES
+        from raydar.sft import SFTExamples, student_prompt
+        from raydar.tasks import task_kind
+
+        spec = DatasetSpec.model_validate_json(spec_json)
+        family = FAMILIES[spec.student.family]
+        kind = task_kind(spec.task, family.coordinates)
+        builder = SFTExamples(AutoProcessor.from_pretrained(model_path), family, kind, student_prompt(spec, kind))
+        _BUILDERS[key] = (builder, np.random.default_rng())
+    builder, rng = _BUILDERS[key]
+    examples, labels = [], []
+    for data, text in zip(batch["image"].to_pylist(), batch["label"].to_pylist()):
+        # Upright as the teacher saw it (labels refer to the EXIF-rotated image).
+        image, label = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"), json.loads(text)
+        if augment:
+            image, label = augmented(image, label, builder.kind, rng)
+        buffer = io.BytesIO()
+        torch.save(builder.example(image, label), buffer)
+        examples.append(buffer.getvalue())
+        labels.append(json.dumps(label))
+    return pa.table({"example": pa.array(examples, pa.binary()), "label": labels})
+
+
 # ---------------------------------------------------------------- on each worker
 
 
 def train_student(config: dict) -> None:
     """The training loop of one Ray Train worker."""
     import deepspeed
-    from PIL import Image
 
     from raydar.sft import collate
 
@@ -230,6 +294,7 @@ def train_student(config: dict) -> None:
     s = spec.student
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(s.cpus_per_worker)  # the cores this worker reserved, no more, no fewer
     torch.manual_seed(0)
     student, builder, processor = build_student(spec, config["model_path"], config["positive_weights"])
 
@@ -244,48 +309,74 @@ def train_student(config: dict) -> None:
         ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if not s.use_gpu:
         ds_config["optimizer"]["params"]["torch_adam"] = True  # the fused CPU Adam would compile C++ first
-    engine, _, _, _ = deepspeed.initialize(
+    total_steps = config["total_steps"]
+    ds_config["scheduler"] = {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": max(total_steps, s.warmup_steps + 1), "warmup_num_steps": s.warmup_steps,
+        "warmup_type": "linear", "cos_min_ratio": 0.1}}
+    engine, _, _, scheduler = deepspeed.initialize(
         model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=ds_config,
         dist_init_required=False,
     )
+    board = _summary_writer(config["log_dir"]) if rank == 0 else None
 
     step, start_epoch, first_loss = 0, 0, None
+    history: list[dict] = []  # every report, saved with each checkpoint: the report's loss curves
+    first_step_at = None  # wall-clock time of this attempt's first optimiser step (submit-to-first-step)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / "trainable.pt", map_location="cpu", weights_only=True)
             meta = json.loads((Path(folder) / "metrics.json").read_text())
+            saved = Path(folder) / "history.json"
+            history = json.loads(saved.read_text()) if saved.is_file() else []
         load_trainable(engine, state)
         step, start_epoch, first_loss = meta["step"], meta["epoch"] + 1, meta.get("first_loss")
+        for _ in range(step):
+            scheduler.step()  # the learning rate goes on from where the checkpoint left it
 
     def batches(split: str):
+        """Padded batches of this worker's shard (the examples were made on Ray Data) and their labels."""
         shard = ray.train.get_dataset_shard(split)
-        for rows in shard.iter_batches(batch_size=s.batch_size, batch_format="pyarrow", prefetch_batches=2):
-            examples = [
-                builder.example(Image.open(io.BytesIO(data)).convert("RGB"), json.loads(label))
-                for data, label in zip(rows["image"].to_pylist(), rows["label"].to_pylist())
-            ]
+        for rows in shard.iter_batches(batch_size=s.batch_size, batch_format="pyarrow", prefetch_batches=4):
+            examples = [torch.load(io.BytesIO(b), weights_only=True) for b in rows["example"].to_pylist()]
             yield collate(examples, processor.tokenizer.pad_token_id), [json.loads(x) for x in rows["label"].to_pylist()]
 
     for epoch in range(start_epoch, s.epochs):
         engine.train()
         window: list[float] = []
-        seen, tick = 0, time.perf_counter()
-        for batch, labels in batches("train"):
+        images = tokens = 0  # in the current reporting window
+        waited, tick = 0.0, time.perf_counter()
+        stream = batches("train")
+        while True:
+            asked = time.perf_counter()
+            batch, labels = next(stream, (None, None))
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
             loss = engine(batch, labels)
             engine.backward(loss)
             engine.step()
             step += 1
+            first_step_at = first_step_at or time.time()
             window.append(float(loss))
             first_loss = first_loss if first_loss is not None else float(loss)
-            seen += batch["input_ids"].shape[0]
+            images += batch["input_ids"].shape[0]
+            tokens += int(batch["attention_mask"].sum())
             if config["fail_at_step"] == step and rank == 0 and _first_failure(config["marker_dir"]):
                 os._exit(1)  # a worker dying mid-run; Ray Train restarts the group from the last checkpoint
             if step % config["report_every"] == 0:
                 elapsed = time.perf_counter() - tick
-                ray.train.report({"step": step, "epoch": epoch, "loss": sum(window) / len(window),
-                                  "learning_rate": s.learning_rate, "images_per_s": seen * world / elapsed,
-                                  "peak_memory_mb": _peak_memory_mb()})
+                every = config["report_every"]
+                metrics = {"step": step, "epoch": epoch, "loss": sum(window[-every:]) / min(len(window), every),
+                           "learning_rate": scheduler.get_last_lr()[0], "step_s": elapsed / every,
+                           "images_per_s": images * world / elapsed, "tokens_per_s": tokens * world / elapsed,
+                           "data_wait_share": waited / elapsed, "peak_memory_mb": _peak_memory_mb(),
+                           "first_step_at": first_step_at}
+                _log(board, metrics)
+                history.append(metrics)
+                ray.train.report(metrics)
+                images = tokens = 0
+                waited, tick = 0.0, time.perf_counter()
             if config["max_steps"] and step >= config["max_steps"]:
                 break
         _evaluation_mode(engine)
@@ -296,15 +387,19 @@ def train_student(config: dict) -> None:
         metrics = {
             "step": step, "epoch": epoch, "loss": sum(window) / max(1, len(window)), "first_loss": first_loss,
             "val_loss": sum(val_losses) / len(val_losses) if val_losses else float("nan"),
-            "learning_rate": s.learning_rate, "peak_memory_mb": _peak_memory_mb(),
+            "learning_rate": scheduler.get_last_lr()[0], "peak_memory_mb": _peak_memory_mb(),
         }
+        _log(board, metrics)
+        history.append(metrics)
         state = trainable_state(engine)  # every rank: ZeRO-3 gathers the partitioned weights collectively
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
-                save_checkpoint(Path(folder), engine.module, processor, spec, state, metrics)
+                save_checkpoint(Path(folder), engine.module, processor, spec, state, metrics, history)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
         if config["max_steps"] and step >= config["max_steps"]:
             break
+    if board is not None:
+        board.close()
 
 
 class Student(torch.nn.Module):
@@ -331,7 +426,7 @@ def build_student(spec: DatasetSpec, model_path: str, positive_weights: list[flo
 
     from raydar.heads import head_for
     from raydar.models.families import FAMILIES
-    from raydar.sft import SFTExamples
+    from raydar.sft import SFTExamples, student_prompt
     from raydar.tasks import task_kind
 
     s = spec.student
@@ -345,15 +440,19 @@ def build_student(spec: DatasetSpec, model_path: str, positive_weights: list[flo
     model = AutoModelForImageTextToText.from_pretrained(model_path, quantization_config=quantisation,
                                                         dtype=torch.float32)
     if quantisation is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still need a grad path
     vision = {n for n, _ in model.named_modules() if "visual" in n or "vision" in n}
     targets = [n for n, m in model.named_modules()
                if n.rsplit(".", 1)[-1] in s.lora.target_modules and (s.lora.vision or not _inside(n, vision))]
     model = get_peft_model(model, LoraConfig(r=s.lora.rank, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
-                                             target_modules=targets))
+                                             target_modules=targets, modules_to_save=s.lora.modules_to_save or None))
     family = FAMILIES[s.family]
     kind = task_kind(spec.task, family.coordinates)
-    builder = SFTExamples(processor, family, kind, kind.prompt())
+    builder = SFTExamples(processor, family, kind, student_prompt(spec, kind))
     head = head_for(spec.task, model.config.get_text_config().hidden_size)
     if head is not None and positive_weights is not None and hasattr(head, "pos_weight"):
         head.pos_weight.copy_(torch.tensor(positive_weights))
@@ -384,8 +483,10 @@ def load_trainable(engine, state: dict) -> None:
             p.data.copy_(state[name])
 
 
-def save_checkpoint(folder: Path, student, processor, spec: DatasetSpec, state: dict, metrics: dict) -> None:
-    """adapter/ (safetensors), head, processor, the spec and the metrics; `trainable.pt` for resuming."""
+def save_checkpoint(folder: Path, student, processor, spec: DatasetSpec, state: dict, metrics: dict,
+                    history: list[dict] | None = None) -> None:
+    """adapter/ (safetensors), head, processor, the spec, the metrics and their history; `trainable.pt`
+    for resuming."""
     from raydar.heads import head_for, save_head
 
     lora = {n[len("model."):]: t for n, t in state.items() if n.startswith("model.")}
@@ -399,6 +500,7 @@ def save_checkpoint(folder: Path, student, processor, spec: DatasetSpec, state: 
     processor.save_pretrained(folder / "processor")
     (folder / "spec.json").write_text(spec.model_dump_json(indent=2))
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (folder / "history.json").write_text(json.dumps(history or [metrics]))
     torch.save(state, folder / "trainable.pt")
 
 
@@ -409,6 +511,29 @@ def _evaluation_mode(engine) -> None:
     for module in engine.module.modules():
         if type(module).__name__ == "Linear4bit":
             module.train()
+
+
+def _summary_writer(log_dir: str | None):
+    """A TensorBoard writer when torch's or tensorboardX's is installed (`tensorboard --logdir` on it)."""
+    if not log_dir:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
+    return SummaryWriter(log_dir)
+
+
+def _log(board, metrics: dict) -> None:
+    if board is None:
+        return
+    for name, value in metrics.items():
+        if name not in ("step", "epoch", "first_step_at") and isinstance(value, (int, float)) and value == value:
+            board.add_scalar(f"train/{name}", value, metrics["step"])
+    board.flush()
 
 
 def _first_failure(marker_dir: str) -> bool:

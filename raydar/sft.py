@@ -24,6 +24,32 @@ from raydar.tasks import TaskKind
 IGNORE = -100  # the label torch's cross-entropy skips
 
 
+def student_prompt(spec, kind: TaskKind) -> str:
+    """What the student is trained and asked with: `student.prompt`, else the teacher's prompt."""
+    return spec.student.prompt or kind.prompt()
+
+
+# The eight symmetries of a square as (PIL transpose or None, the same map on normalised coordinates).
+_SYMMETRIES = [
+    (None, lambda x, y: (x, y)),
+    (Image.Transpose.FLIP_LEFT_RIGHT, lambda x, y: (1 - x, y)),
+    (Image.Transpose.FLIP_TOP_BOTTOM, lambda x, y: (x, 1 - y)),
+    (Image.Transpose.ROTATE_180, lambda x, y: (1 - x, 1 - y)),
+    (Image.Transpose.TRANSPOSE, lambda x, y: (y, x)),
+    (Image.Transpose.TRANSVERSE, lambda x, y: (1 - y, 1 - x)),
+    (Image.Transpose.ROTATE_90, lambda x, y: (y, 1 - x)),  # counter-clockwise
+    (Image.Transpose.ROTATE_270, lambda x, y: (1 - y, x)),
+]
+
+
+def augmented(image: Image.Image, label: dict, kind: TaskKind, rng) -> tuple[Image.Image, dict]:
+    """The image flipped or turned by a quarter at random (`rng.integers`), and its label moved along."""
+    op, move = _SYMMETRIES[int(rng.integers(len(_SYMMETRIES)))]
+    if op is None:
+        return image, label
+    return image.transpose(op), kind.moved(label, move)
+
+
 def user_turn(prompt: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
 

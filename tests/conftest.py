@@ -57,6 +57,16 @@ def teacher(image_folder):
     sim.stop()
 
 
+# The demo's student is pretrained at set-up (minutes); tests train the tiny random Qwen2-VL built in seconds.
+TEST_STUDENT = {
+    "student.base_model": "raydar-tiny-qwen2-vl",
+    "student.family": "qwen2_vl",
+    "student.prompt": None,
+    "student.augment": False,
+    "student.lora.modules_to_save": [],
+}
+
+
 def demo_spec(image_folder: Path, base_url: str, **overrides):
     """The demo spec pointed at `image_folder` and a running teacher, with fast retries."""
     values = {
@@ -66,6 +76,7 @@ def demo_spec(image_folder: Path, base_url: str, **overrides):
         "teacher.backoff_s": 0.05,
         "teacher.timeout_s": 5,
         "teacher.concurrency": 8,
+        **TEST_STUDENT,
     }
     values.update(overrides)
     return load_spec(DEMO_SPEC, overrides=values)
@@ -73,3 +84,53 @@ def demo_spec(image_folder: Path, base_url: str, **overrides):
 
 def ground_truth_files(folder: Path) -> list[str]:
     return [line.split('"file": "')[1].split('"')[0] for line in (folder / GROUND_TRUTH_FILE).open()]
+
+
+# The answer the test student is taught to give for every image (Qwen2-VL writes 0-1000 integers).
+STUDENT_LABEL = {"points": [{"label": "explicit", "x": 0.5, "y": 0.25}]}
+STUDENT_ANSWER = '{"points": [{"label": "explicit", "x": 500, "y": 250}]}'
+
+
+@pytest.fixture(scope="session")
+def student_checkpoint(tmp_path_factory, demo_folder) -> Path:
+    """A real finetune checkpoint of the tiny Qwen2-VL student taught to answer STUDENT_ANSWER (see
+    `teach_one_answer`)."""
+    from PIL import Image
+
+    images = [Image.open(demo_folder / name).convert("RGB") for name in ground_truth_files(demo_folder)[:2]]
+    return teach_one_answer(images, tmp_path_factory.mktemp("student") / "run" / "checkpoint_000001")
+
+
+def teach_one_answer(images: list, folder: Path, steps: int = 60) -> Path:
+    """Train the tiny Qwen2-VL student's LoRA adapter in-process until greedy decoding gives STUDENT_ANSWER
+    for `images`, and save it as `jobs/finetune.py::save_checkpoint` does. A random tiny model learns
+    nothing useful about cells on a CPU, but it can learn one answer in the task's format, which is enough
+    to tell the adapter is applied, the answer is read in the right coordinates, and to load-test serving."""
+    import torch
+
+    from jobs.finetune import build_student, save_checkpoint
+    from raydar.models import resolve_base_model
+    from raydar.sft import collate
+
+    spec = load_spec(DEMO_SPEC, overrides={
+        "student.lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "student.lora.dropout": 0.0,
+    })
+    torch.manual_seed(0)
+    student, builder, processor = build_student(spec, str(resolve_base_model(spec.student.base_model, "qwen2_vl")))
+    batch = collate([builder.example(image, STUDENT_LABEL) for image in images], processor.tokenizer.pad_token_id)
+    optimiser = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    student.train()
+    for _ in range(steps):
+        student(batch, [STUDENT_LABEL] * len(images)).backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    student.eval()
+    inputs = processor(text=[builder.prompt_text], images=images[:1], return_tensors="pt")
+    with torch.no_grad():
+        out = student.model.generate(**inputs, max_new_tokens=40, do_sample=False)
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer == STUDENT_ANSWER, f"the test student did not learn its answer: {answer!r}"
+    state = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    save_checkpoint(folder, student, processor, spec, state, {"step": steps, "epoch": 0, "val_loss": 0.5})
+    return folder

@@ -15,7 +15,7 @@ from cluster import StorageRoot, connect
 from jobs.finetune import finetune
 from jobs.label import label_images
 from raydar.spec import SpecError
-from tests.conftest import DEMO_SPEC
+from tests.conftest import DEMO_SPEC, TEST_STUDENT
 from raydar.spec import load_spec
 
 
@@ -32,8 +32,8 @@ def labelled(tmp_path_factory):
 
 
 def student_spec(**student):
-    values = {"images.generate.n": 40, "images.generate.size": 96, "teacher.simulated.latency_s": 0.0,
-              "student.epochs": 2, "student.batch_size": 4, "student.learning_rate": 5e-3}
+    values = {"images.generate.n": 40, "images.generate.size": 96, "teacher.simulated.latency_s": 0.0, **TEST_STUDENT,
+              "student.epochs": 2, "student.batch_size": 4, "student.learning_rate": 5e-3, "student.warmup_steps": 2}
     values.update({f"student.{k}": v for k, v in student.items()})
     return load_spec(DEMO_SPEC, overrides=values)
 
@@ -44,7 +44,12 @@ def adapter_weights(checkpoint: str) -> dict[str, torch.Tensor]:
 
 def assert_learned(result) -> None:
     m = result.metrics
-    assert m["loss"] < m["first_loss"] and m["val_loss"] < result.history[0]["val_loss"] + 1e-6, m
+    epochs = [h for h in result.history if "val_loss" in h]  # the per-epoch reports (the others are per step)
+    assert m["loss"] < m["first_loss"] and m["val_loss"] < epochs[0]["val_loss"] + 1e-6, m
+    steps = [h for h in result.history if "step_s" in h]
+    assert steps and all(h["tokens_per_s"] > 0 and 0 <= h["data_wait_share"] <= 1 for h in steps)
+    rates = [h["learning_rate"] for h in steps]
+    assert len(rates) < 2 or max(rates) > rates[-1]  # the schedule decays after its warm-up
     weights = adapter_weights(result.checkpoint)
     lora_b = [t for n, t in weights.items() if "lora_B" in n]
     assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # LoRA B starts at zero: training moved it
