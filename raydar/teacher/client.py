@@ -53,7 +53,12 @@ def teacher_fingerprint(spec: TeacherSpec, task: TaskKind, max_pixels: int) -> s
         "max_pixels": max_pixels,
     }
     if spec.kind == "simulated":  # the simulator's noise decides its answers
-        params["simulated"] = spec.simulated.model_dump(exclude={"latency_s", "max_concurrency", "host"})
+        simulated = spec.simulated.model_dump(exclude={"latency_s", "max_concurrency", "host"})
+        if not simulated["zero_shot_miss"] and not simulated["zero_shot_flip"]:
+            # without zero-shot rates, few-shot settings change no answer: labels made before they existed stay valid
+            for key in ("zero_shot_miss", "zero_shot_flip", "example_gain"):
+                simulated.pop(key)
+        params["simulated"] = simulated
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -97,7 +102,11 @@ class TeacherClient:
 
     async def label(self, image: bytes, width: int, height: int, media_type: str = "png") -> TeacherAnswer:
         """Ask about one encoded image (`media_type`: png, jpeg, webp) of `width` x `height` pixels as sent."""
-        messages = image_message(self.prompt, image, media_type)
+        return await self.ask(image_message(self.prompt, image, media_type), width, height)
+
+    async def ask(self, messages: list[dict], width: int, height: int) -> TeacherAnswer:
+        """Send a whole conversation (e.g. a few-shot prompt) whose answer is about an image of
+        `width` x `height` pixels as sent; retried and parsed as `label` is."""
         start = time.perf_counter()
         raw, error = "", ""
         attempt = 0

@@ -9,6 +9,21 @@ latency, serving at most `max_concurrency` requests at once (others wait). Fault
 Every request is logged (model, prompt, which image, what was done) for tests to read, in process
 (`SimulatedTeacher.log`) or over HTTP (`GET /_simulator/log`).
 
+Few-shot requests (what the RAG detector sends) are used honestly, from their content alone. The
+image the question is about is the *last* image of the request; every earlier image is an example,
+and its label is the first text after it (the assistant turn that follows it, or inline text), read
+in the teacher's coordinate convention. An example counts for a class when the simulator recognises
+its image and at least half (and at least one) of the points it shows for that class lie within 5 %
+of the image side of a true object of that class in that image's ground truth; a wrong or unreadable
+label teaches nothing. Zero-shot the simulator has, on top of its base noise, an extra chance
+`zero_shot_miss[class]` to miss and `zero_shot_flip[class]` to misname each object of a class (a
+model that overlooks faint cells); each example that counts for the class multiplies both by
+(1 - `example_gain`). So with `zero_shot_miss: {implicit: 0.4}` and `example_gain: 0.5`, three
+good examples of implicit cells leave 0.4 x 0.125 = 0.05. The extra draws come from their own random
+stream per image, so the base noise of an image is the same with and without examples, and the
+measured difference is the examples' effect only. With no extra rates (the default) answers are
+exactly as before, examples or not.
+
     raydar teacher serve --ground-truth ~/.raydar/demo_cells/source --port 8001
 """
 
@@ -26,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +52,13 @@ from PIL import Image
 
 from raydar.demo import read_ground_truth
 from raydar.spec import SimulatedTeacherSettings
+from raydar.tasks import AnswerError, extract_json
 
 FAULT_KINDS = ("rate_limit", "server_error", "hang", "malformed_json", "prose")
 MODEL_NAME = "raydar-simulated-teacher"
 _THUMB = 16  # side of the thumbnail images are recognised by
 _MATCH_LIMIT = 0.08  # mean absolute thumbnail difference (0-1) above which an image is unknown
+_EXAMPLE_MATCH = 0.05  # a shown example point this close (fraction of the side) to a true one is right
 
 
 @dataclass
@@ -80,6 +97,8 @@ class _Entry:
     fault: str | None
     status: int
     retry_after_s: float | None = None
+    examples: list[str | None] = field(default_factory=list)  # example images recognised (None: unknown)
+    credit: dict[str, int] = field(default_factory=dict)  # class -> examples that correctly showed it
 
 
 class _GroundTruth:
@@ -210,7 +229,7 @@ class SimulatedTeacher:
         async def chat(request: Request) -> JSONResponse:
             try:
                 body = json.loads(await request.body())
-                model, prompt, images = _read_request(body)
+                model, prompt, images, shots = _read_request(body)
             except (ValueError, KeyError, TypeError) as e:
                 return _error(400, f"bad request: {e}", "invalid_request_error")
             entry = _Entry(len(self.log), time.time(), model, prompt, None, len(images), None, 200)
@@ -218,7 +237,8 @@ class SimulatedTeacher:
             if self.known_models is not None and model not in self.known_models:
                 entry.status = 404
                 return _error(404, f"The model `{model}` does not exist", "model_not_found")
-            index = self.truth.find(images[0]) if images else None
+            entry.examples, entry.credit = self._learn_from(shots)
+            index = self.truth.find(images[-1]) if images else None  # the question is about the last image
             entry.image = self.truth.records[index]["file"] if index is not None else None
             seen = self._seen.get(index, 0) if index is not None else None  # per-image faults: known images only
             if index is not None:
@@ -241,7 +261,7 @@ class SimulatedTeacher:
             if fault and fault.kind == "server_error":
                 entry.status = 500
                 return _error(500, "The server had an error (simulated)", "server_error")
-            answer = json.dumps(self._answer(index))
+            answer = json.dumps(self._answer(index, entry.credit))
             if fault and fault.kind == "malformed_json":
                 answer = answer[: max(1, len(answer) // 2)]  # cut off mid-way, as a truncated generation is
             elif fault and fault.kind == "prose":
@@ -267,7 +287,40 @@ class SimulatedTeacher:
                 return fault
         return None
 
-    def _answer(self, index: int | None) -> dict:
+    def _learn_from(self, shots: list[tuple[str, str | None]]) -> tuple[list[str | None], dict[str, int]]:
+        """Which example images it recognises, and per class how many examples showed that class right."""
+        files: list[str | None] = []
+        credit: dict[str, int] = {}
+        for payload, answer in shots:
+            index = self.truth.find(payload)
+            files.append(self.truth.records[index]["file"] if index is not None else None)
+            if index is None or answer is None:
+                continue
+            truth = self.truth.records[index]["label"].get("points", [])
+            shown = self._read_points(answer, payload)
+            for name in {label for label, _, _ in shown}:
+                mine = [(x, y) for label, x, y in shown if label == name]
+                true = [(p["x"], p["y"]) for p in truth if p["label"].lower() == name]
+                right = sum(any(np.hypot(x - tx, y - ty) <= _EXAMPLE_MATCH for tx, ty in true) for x, y in mine)
+                if right and 2 * right >= len(mine):
+                    canonical = next(p["label"] for p in truth if p["label"].lower() == name)
+                    credit[canonical] = credit.get(canonical, 0) + 1
+        return files, credit
+
+    def _read_points(self, answer: str, payload: str) -> list[tuple[str, float, float]]:
+        """An example's label as shown in the request, normalised; [] when it is not a points answer."""
+        try:
+            value = extract_json(answer)
+            items = value["points"] if isinstance(value, dict) else value
+            if self.coordinates == "pixels":
+                w, h = Image.open(io.BytesIO(base64.b64decode(payload))).size
+            else:
+                w = h = 1000.0 if self.coordinates == "per_mille" else 1.0
+            return [(str(p["label"]).strip().lower(), float(p["x"]) / w, float(p["y"]) / h) for p in items]
+        except (AnswerError, KeyError, TypeError, ValueError, OSError):
+            return []
+
+    def _answer(self, index: int | None, credit: dict[str, int] | None = None) -> dict:
         if index is None:
             return {"points": []}
         record = self.truth.records[index]
@@ -275,8 +328,10 @@ class SimulatedTeacher:
         if "points" not in label:
             return label
         rng = random.Random(f"{self.settings.seed}-{record['file']}")
+        zero_shot = random.Random(f"{self.settings.seed}-{record['file']}-zero-shot")  # its own stream
         classes = self.truth.classes
         s = self.settings
+        credit = credit or {}
         points = []
         for p in label["points"]:
             if rng.random() < s.miss_rate:
@@ -286,6 +341,15 @@ class SimulatedTeacher:
                 name = rng.choice([c for c in classes if c != name])
             x = min(1.0, max(0.0, p["x"] + rng.gauss(0, s.jitter)))
             y = min(1.0, max(0.0, p["y"] + rng.gauss(0, s.jitter)))
+            # the zero-shot weakness, lessened by examples; drawn whatever the rates, so that the draws of
+            # an image are the same with and without examples
+            u_miss, u_flip, u_pick = zero_shot.random(), zero_shot.random(), zero_shot.random()
+            learnt = (1 - s.example_gain) ** credit.get(p["label"], 0)
+            if u_miss < s.zero_shot_miss.get(p["label"], 0.0) * learnt:
+                continue
+            others = [c for c in classes if c != name]
+            if name == p["label"] and others and u_flip < s.zero_shot_flip.get(p["label"], 0.0) * learnt:
+                name = others[int(u_pick * len(others))]
             points.append((name, x, y))
         extra = np.random.default_rng(rng.randrange(2**32)).poisson(s.false_positives)
         for _ in range(int(extra)):
@@ -301,23 +365,27 @@ class SimulatedTeacher:
         return {"x": round(x, 4), "y": round(y, 4)}
 
 
-def _read_request(body: dict) -> tuple[str, str, list[str]]:
+def _read_request(body: dict) -> tuple[str, str, list[str], list[tuple[str, str | None]]]:
+    """(model, all text, images, examples): the examples are the images before the last one, each with
+    the first text that follows it (its label), or None."""
     model = body["model"]
     texts, images = [], []
+    after: dict[int, str] = {}  # image index -> first text after it
     for message in body["messages"]:
         content = message["content"]
-        if isinstance(content, str):
-            texts.append(content)
-            continue
-        for part in content:
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts:
             if part.get("type") == "text":
                 texts.append(part["text"])
+                if images and len(images) - 1 not in after:
+                    after[len(images) - 1] = part["text"]
             elif part.get("type") == "image_url":
                 url = part["image_url"]["url"]
                 if not url.startswith("data:") or ";base64," not in url:
                     raise ValueError("images must be base64 data URLs")
                 images.append(url.split(";base64,", 1)[1])
-    return model, "\n".join(texts), images
+    shots = [(image, after.get(i)) for i, image in enumerate(images[:-1])]
+    return model, "\n".join(texts), images, shots
 
 
 def _completion(model: str, content: str) -> dict:
@@ -336,6 +404,16 @@ def _error(status: int, message: str, code: str, headers: dict | None = None) ->
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _class_rate(text: str) -> tuple[str, float]:
+    name, sep, rate = text.partition("=")
+    try:
+        if not sep or not name.strip():
+            raise ValueError
+        return name.strip(), float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CLASS=RATE, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="raydar teacher serve", description="Run the simulated teacher.")
     parser.add_argument("--ground-truth", required=True, help="Folder with the images and ground_truth.jsonl.")
@@ -348,6 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jitter", type=float, default=0.004)
     parser.add_argument("--label-flip-rate", type=float, default=0.05)
     parser.add_argument("--coordinates", default="normalized", choices=["normalized", "per_mille", "pixels"])
+    parser.add_argument("--zero-shot-miss", action="append", default=[], type=_class_rate, metavar="CLASS=RATE",
+                        help="Extra chance to miss objects of CLASS when no example shows it. Repeatable.")
+    parser.add_argument("--zero-shot-flip", action="append", default=[], type=_class_rate, metavar="CLASS=RATE",
+                        help="Extra chance to misname objects of CLASS when no example shows it. Repeatable.")
+    parser.add_argument("--example-gain", type=float, default=0.5,
+                        help="Each good example of a class multiplies its extra rates by 1 - this.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fault", action="append", default=[], metavar="KIND[:k=v,...]",
                         help=f"Inject a fault; kinds: {', '.join(FAULT_KINDS)}. Repeatable.")
@@ -355,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = SimulatedTeacherSettings(
         miss_rate=args.miss_rate, false_positives=args.false_positives, jitter=args.jitter,
         label_flip_rate=args.label_flip_rate, latency_s=args.latency, max_concurrency=args.max_concurrency,
-        seed=args.seed, host=args.host,
+        zero_shot_miss=dict(args.zero_shot_miss), zero_shot_flip=dict(args.zero_shot_flip),
+        example_gain=args.example_gain, seed=args.seed, host=args.host,
     )
     teacher = SimulatedTeacher(args.ground_truth, settings, [Fault.parse(f) for f in args.fault],
                                coordinates=args.coordinates, port=args.port)
