@@ -191,7 +191,9 @@ def _detect_rag(spec: DatasetSpec, storage: StorageRoot, source: str, images: li
     from raydar.rag import RagDetector
 
     async def run(url: str | None) -> list[dict | None]:
-        detector = RagDetector.from_spec(spec, storage, base_url=url)
+        # Examples from the training split only: a held-out image's neighbours must not be held-out answers.
+        detector = RagDetector.from_spec(spec, storage, base_url=url,
+                                         where={**spec.knowledge_base.where, "split": "train"})
         limit = asyncio.Semaphore(spec.teacher.concurrency)
         bar = tqdm(total=len(images), desc="evaluate: rag", disable=not progress)
 

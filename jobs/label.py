@@ -7,7 +7,8 @@ Reads images from a folder or any pyarrow filesystem URI; decodes, applies EXIF 
 validates (a bad image becomes a failed row with its reason), resizes to `images.max_pixels` and
 hashes them; asks the teacher with bounded concurrency per actor and one rate for the whole job;
 writes labelled Parquet under `<storage>/<name>/labels/` with a manifest. Labels are cached by
-(image sha256, teacher fingerprint): a re-run asks only for what is not stored yet.
+(image sha256, teacher fingerprint): a re-run asks only for what is not stored yet. Teacher requests,
+cache hits, failures and images/s are exported as Ray metrics (`raydar.telemetry`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from raydar.spec import DatasetSpec, SpecError, load_spec
 from raydar.tasks import task_kind
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
 from raydar.teacher.ratelimit import RateLimiter
+from raydar.telemetry import LabelMetrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_from_args(args)
     storage = StorageRoot(args.storage)
     connect(args.address)
+    if args.from_feedback:
+        feedback = label_feedback(spec, storage, progress=not args.quiet)
+        print(feedback.summary())
+        return 0 if feedback.labelled is None or feedback.labelled.ok_total else 1
     result = label_images(spec, storage, limit=args.limit, progress=not args.quiet)
     print(result.summary())
     return 0 if result.ok_total or not result.images else 1
@@ -57,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raydar label", description=__doc__.split("\n")[0])
     add_common_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="Label only the first N images (sorted by path).")
+    parser.add_argument(
+        "--from-feedback", action="store_true",
+        help="Label what the serving endpoint collected instead: users' corrections become labelled rows, and the "
+        "hard examples (the ensemble's members disagreed) go to the teacher.",
+    )
     return parser.parse_args(argv)
 
 
@@ -152,11 +163,16 @@ def label_images(
     progress: bool = True,
     flush_rows: int = 256,
     flush_s: float = 2.0,
+    source: str | None = None,
+    only: set[str] | None = None,
 ) -> LabelResult:
-    """Label every image of `spec` not yet labelled under its teacher fingerprint. Ray must be up."""
+    """Label every image of `spec` not yet labelled under its teacher fingerprint. Ray must be up.
+    `source` labels the images of another folder or URI (the endpoint's kept images) into the same
+    labels; `only` keeps the files of these names."""
     started = time.time()
     root = storage.child(spec.name)
-    source = resolve_source(spec, root)
+    dataset_source = resolve_source(spec, root)
+    source = source or dataset_source
     kind = task_kind(spec.task, spec.teacher.coordinates)
     fingerprint = teacher_fingerprint(spec.teacher, kind, spec.images.max_pixels)
     store = LabelStore(root.child("labels"))
@@ -164,6 +180,7 @@ def label_images(
     result = LabelResult(spec.name, run_id, fingerprint)
 
     fs, paths, prefix = list_files(source, spec.images.extensions)
+    paths = [p for p in paths if p.rsplit("/", 1)[-1] in only] if only is not None else paths
     paths = paths[:limit] if limit else paths
     if not paths:
         raise FileNotFoundError(f"{source}: no images with suffix {' '.join(spec.images.extensions)}")
@@ -177,7 +194,7 @@ def label_images(
     # block's rows reach the log as soon as they are answered (what a killed run loses is in flight only).
     rows_per_block = max(4, min(64, spec.teacher.concurrency))
     n_blocks = -(-len(paths) // rows_per_block)
-    with teacher_endpoint(spec, source) as base_url:
+    with teacher_endpoint(spec, dataset_source) as base_url:  # a simulator answers from the dataset's truth
         limiter = RateLimiter(spec.teacher.rate_per_s) if spec.teacher.rate_per_s else None
         ds = ray.data.read_binary_files(
             paths, filesystem=fs, include_paths=True, override_num_blocks=n_blocks,
@@ -197,12 +214,14 @@ def label_images(
         )
         writer = _LogWriter(store, run_id, flush_rows, flush_s)
         bar = tqdm(total=len(paths), desc=f"label {spec.name}", unit="img", disable=not progress, file=sys.stderr)
+        metrics = LabelMetrics(spec.name, spec.teacher.model)  # the actors count; the driver sets images/s
         try:
             with _sigterm_as_interrupt():
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     result = _count(result, batch)
                     writer.add(batch.filter(pc.is_in(batch["outcome"], pa.array(["ok", "failed"]))))
                     bar.update(batch.num_rows)
+                    metrics.record_throughput(bar.n / (time.time() - started))
                     bar.set_postfix(ok=result.ok_total, failed=result.failed, cached=result.cached, refresh=False)
         finally:
             writer.flush()  # whatever was answered is kept, also on Ctrl-C or `ray job stop`
@@ -213,7 +232,70 @@ def label_images(
     store.write_snapshot(fingerprint)
     result.output = root.uri_of("labels", "labels.parquet")
     result.duration_s = time.time() - started
+    metrics.record_throughput(result.images / result.duration_s)
     store.write_manifest(result.manifest(spec, started))
+    return result
+
+
+FEEDBACK_MODEL = "user-feedback"  # teacher_model of a labelled row that a user's correction made
+
+
+@dataclass
+class FeedbackResult:
+    dataset: str
+    corrections: int = 0  # users' corrections now in the labels
+    new_corrections: int = 0
+    hard_examples: int = 0  # sent to the teacher (cached ones cost nothing)
+    labelled: LabelResult | None = None
+
+    def summary(self) -> str:
+        teacher = self.labelled.summary() if self.labelled else "no hard examples to label"
+        return (f"{self.dataset} feedback: {self.corrections} corrections in the labels ({self.new_corrections} new), "
+                f"{self.hard_examples} hard examples to the teacher; {teacher}")
+
+
+def label_feedback(spec: DatasetSpec, storage: StorageRoot, *, progress: bool = True) -> FeedbackResult:
+    """What the serving endpoint collected (`raydar.feedback`), made training data. Users' corrections become
+    labelled rows under the teacher's fingerprint, newer than its answers, so they win in the snapshot the
+    later stages read; hard examples without a correction go to the teacher. Ray must be up."""
+    from raydar.feedback import FeedbackLog
+
+    root = storage.child(spec.name)
+    log = FeedbackLog(root.child("feedback"))
+    kind = task_kind(spec.task, spec.teacher.coordinates)
+    fingerprint = teacher_fingerprint(spec.teacher, kind, spec.images.max_pixels)
+    store = LabelStore(root.child("labels"))
+    result = FeedbackResult(spec.name)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-feedback-" + uuid.uuid4().hex[:6]
+    recorded = store.read_log(fingerprint=fingerprint, columns=["image_id", "label", "teacher_model",
+                                                                "teacher_fingerprint"])
+    already = {(i, label) for i, label, model in zip(recorded["image_id"].to_pylist(), recorded["label"].to_pylist(),
+                                                     recorded["teacher_model"].to_pylist()) if model == FEEDBACK_MODEL}
+    rows = []
+    corrections = {i: c for i, c in log.corrections().items() if c["image_file"]}
+    for image, correction in corrections.items():
+        label = json.dumps(kind.validate(correction["label"]))
+        result.corrections += 1
+        if (image, label) in already:
+            continue
+        prepared = prepare_image(log.root.read_bytes("images", correction["image_file"]), spec.images.max_pixels,
+                                 spec.images.max_image_pixels)
+        rows.append({
+            "image_id": image, "source_uri": log.root.uri_of("images", correction["image_file"]),
+            "width": prepared.width, "height": prepared.height, "split": spec.split.split_of(image),
+            "task": kind.name, "label": label, "teacher_model": FEEDBACK_MODEL, "teacher_fingerprint": fingerprint,
+            "raw_answer": correction["comment"], "status": "ok", "error": "", "attempts": 0, "latency_s": 0.0,
+            "labelled_at": dt.datetime.now(dt.timezone.utc), "run_id": run_id,
+        })
+    result.new_corrections = len(rows)
+    store.append(rows, run_id, 0)
+    hard = {i: name for i, name in log.hard_examples().items() if i not in corrections}
+    result.hard_examples = len(hard)
+    if hard:
+        result.labelled = label_images(spec, storage, source=log.images_uri(), only=set(hard.values()),
+                                       progress=progress)
+    else:
+        store.write_snapshot(fingerprint)
     return result
 
 
@@ -318,7 +400,9 @@ class teacher_endpoint:
             "--host", s.host, "--latency", str(s.latency_s), "--max-concurrency", str(s.max_concurrency),
             "--miss-rate", str(s.miss_rate), "--false-positives", str(s.false_positives),
             "--jitter", str(s.jitter), "--label-flip-rate", str(s.label_flip_rate), "--seed", str(s.seed),
-            "--coordinates", t.coordinates,
+            "--coordinates", t.coordinates, "--example-gain", str(s.example_gain),
+            *[f"--zero-shot-miss={c}={r}" for c, r in s.zero_shot_miss.items()],
+            *[f"--zero-shot-flip={c}={r}" for c, r in s.zero_shot_flip.items()],
         ]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
         line = self.process.stdout.readline()
@@ -349,6 +433,7 @@ class LabelImages:
         self.base_url, self.rate_limiter = base_url, rate_limiter
         self.fingerprint, self.run_id = fingerprint, run_id
         self.client: TeacherClient | None = None
+        self.metrics = LabelMetrics(spec.name, spec.teacher.model)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.client is None:  # built on the actor's event loop, once
@@ -356,6 +441,9 @@ class LabelImages:
                                         rate_limiter=self.rate_limiter)
         rows = [self._prepare(data, path) for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist())]
         answers = await asyncio.gather(*[self._ask(row) for row in rows])
+        for row in answers:
+            self.metrics.record_image(row["outcome"], requests=row["requests"], latency_s=row["latency_s"],
+                                      reason=row["error"])
         return pa.Table.from_pylist(answers, schema=_OUTPUT_SCHEMA)
 
     def _prepare(self, data: bytes, path: str) -> dict:

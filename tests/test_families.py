@@ -36,13 +36,16 @@ def random_boxes(rng: random.Random, n: int = 10) -> dict:
 def test_points_and_boxes_round_trip_through_each_family(family, original):
     fam = FAMILIES[family]
     w, h = fam.model_image_size(*original, max_pixels=401_408)
-    tolerance = {"per_mille": 0.5 / 1000, "pixels": 0.5 / min(w, h), "normalized": 0.5e-4}[fam.coordinates] + 1e-9
+    tolerance = {"per_mille": 0.5 / 1000, "pixels": 0.5 / min(w, h), "normalized": 0.5e-2}[fam.coordinates] + 1e-9
     rng = random.Random(f"{family}{original}")
     for spec, label in ((POINTS, random_points(rng)), (BOXES, random_boxes(rng))):
         kind = task_kind(spec, fam.coordinates)
         back = kind.parse(kind.answer_text(label, w, h), w, h)
         key = "points" if "points" in label else "objects"
-        for a, b in zip(label[key], back[key]):
+        # Answers list objects in reading order (top to bottom, then left to right).
+        order = (lambda p: (p["y"], p["x"])) if key == "points" else (lambda o: (o["box"][1], o["box"][0]))
+        assert len(back[key]) == len(label[key])
+        for a, b in zip(sorted(label[key], key=order), back[key]):
             assert a["label"] == b["label"]
             values_a = [a["x"], a["y"]] if key == "points" else a["box"]
             values_b = [b["x"], b["y"]] if key == "points" else b["box"]
