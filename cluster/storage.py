@@ -81,6 +81,11 @@ class StorageRoot:
         """Full URI of a path inside the root, for people and for other processes."""
         return self._scheme + self.join(*parts)
 
+    def uri_for(self, path: str) -> str:
+        """A URI another process can open for `path` (a path on this root's filesystem, as Ray Train
+        reports checkpoints): the scheme, and the root's filesystem options such as an endpoint."""
+        return self._scheme + path + (f"?{self._query}" if self._query else "")
+
     def child(self, *parts: str) -> StorageRoot:
         return StorageRoot(self.uri_of(*parts) + (f"?{self._query}" if self._query else ""))
 

@@ -171,8 +171,8 @@ def finetune(
         if result.best_checkpoints else None
     return FinetuneResult(
         run_name=run_name,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
-        best_checkpoint=best.path if best else None,
+        checkpoint=root.uri_for(result.checkpoint.path) if result.checkpoint else None,
+        best_checkpoint=root.uri_for(best.path) if best else None,
         metrics=result.metrics or {},
         history=_saved_history(result.checkpoint),
     )
