@@ -288,6 +288,12 @@ class RagMember:
         return {"model": self.spec.teacher.model, "examples_per_prompt": self.detector.k,
                 "knowledge_base_entries": await asyncio.to_thread(self.detector.kb.count)}
 
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: close the knowledge base (and its local snapshot copy)."""
+        detector = getattr(self, "detector", None)
+        if detector is not None:
+            detector.kb.close()
+
 
 # ---------------------------------------------------------------- the API's documents
 
