@@ -8,8 +8,10 @@ student (`jobs.finetune.build_student`), the same examples and batch size, with 
 ratio (target <= 1.10); seconds from submit (calling `finetune`) to the first optimiser step; and the
 share of the Ray path's step time spent waiting for the next batch (target < 5%).
 
-Both paths get the same cores: the Ray worker reserves `--cpus` and runs torch on that many threads,
-and so does the loop. The first `--warmup` steps of each are not timed.
+Both paths get the same cores and priority: the Ray worker reserves `--cpus` and runs torch on that
+many threads, and so does the loop; Ray's workers run at nice 0 here, as the loop does (Ray's default
+is 15). The first `--warmup` steps of each are not timed; half of the loop's steps run before the Ray
+path and half after.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -59,6 +62,9 @@ def main() -> None:
         "student.cpus_per_worker": args.cpus, "student.workers": 1, "split.val": 0.05,
     })
     storage = StorageRoot(tempfile.mkdtemp(prefix="raydar-bench-train-"))
+    # Ray starts its workers at nice 15; the loop runs at nice 0. On a machine with anything else running,
+    # that alone would slow the Ray path, so both run at the same priority here.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     connect(num_cpus=args.cpus)
     labelled = label_images(spec, storage, progress=False)
     print(f"{labelled.ok_total} labelled demo images; {steps} steps of batch {args.batch_size}, ZeRO-{args.stage}, "
