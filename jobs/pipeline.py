@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
     connect(args.address, dashboard=args.dashboard)
     keep_serving = args.keep_serving if args.keep_serving is not None else sys.stdout.isatty()
-    result = run_pipeline(spec, storage, stages=stages, progress=not args.quiet, port=args.port)
+    result = run_pipeline(spec, storage, stages=stages, progress=not args.quiet, port=args.port,
+                          overrides=dict(args.set))
     print(result.summary(), flush=True)
     if result.endpoint and keep_serving:
         print("serving; Ctrl-C stops it" + (" (the embedded Ray goes with it)" if embedded else ""), flush=True)
@@ -115,8 +116,9 @@ class PipelineResult:
 
 
 def run_pipeline(spec: DatasetSpec, storage: StorageRoot, *, stages=STAGES, progress: bool = True,
-                 port: int = 8000) -> PipelineResult:
-    """Run (or skip) each stage in order. Ray must be up."""
+                 port: int = 8000, overrides: dict | None = None) -> PipelineResult:
+    """Run (or skip) each stage in order. Ray must be up. `overrides` are the `--set` values that made
+    `spec` from its file; the deployed app reads the spec file with them."""
     started = time.time()
     root = storage.child(spec.name)
     result = PipelineResult(spec, storage)
@@ -206,7 +208,7 @@ def run_pipeline(spec: DatasetSpec, storage: StorageRoot, *, stages=STAGES, prog
         n += 1
         print(f"[{n}/{total}] deploy ...", flush=True)
         tick = time.time()
-        deploy(spec, storage, result, checkpoint, source, port)
+        deploy(spec, storage, result, checkpoint, source, port, overrides or {})
         print(f"      endpoint {result.endpoint} answered a test request ({time.time() - tick:.0f} s)", flush=True)
         result.ran.append("deploy")
 
@@ -215,7 +217,7 @@ def run_pipeline(spec: DatasetSpec, storage: StorageRoot, *, stages=STAGES, prog
 
 
 def deploy(spec: DatasetSpec, storage: StorageRoot, result: PipelineResult, checkpoint: str | None, source: str,
-           port: int) -> None:
+           port: int, overrides: dict) -> None:
     """The Serve app with the fine-tuned adapter and the RAG member, checked with one real request."""
     import httpx
     from ray import serve
@@ -227,7 +229,8 @@ def deploy(spec: DatasetSpec, storage: StorageRoot, result: PipelineResult, chec
     rag_url = teacher.__enter__() if "rag" in members else None
     result._teacher = teacher
     token_file = _token_file(storage, spec)
-    args = {"spec": spec.source_file, "storage": storage.uri, "members": members, "token_file": token_file,
+    args = {"spec": spec.source_file, "set": overrides, "storage": storage.uri, "members": members,
+            "token_file": token_file,
             "adapters": {"finetuned": checkpoint} if checkpoint else {}, "rag_base_url": rag_url}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=spec.name, route_prefix="/")

@@ -5,6 +5,7 @@ student that re-runs exactly finetune and evaluate."""
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
@@ -27,20 +28,21 @@ def ray_local():
     ray.shutdown()
 
 
-def _spec(folder, **overrides):
-    return load_spec(DEMO_SPEC, overrides={
-        "images.uri": str(folder), "images.generate": None,
-        "teacher.simulated.latency_s": 0.01, **TEST_STUDENT,
-        "student.epochs": 1, "student.batch_size": 8, **overrides,
-    })
+def _overrides(folder, **more):
+    return {"images.uri": str(folder), "images.generate": None, "teacher.simulated.latency_s": 0.01, **TEST_STUDENT,
+            "student.epochs": 1, "student.batch_size": 8, **more}
 
 
 def test_the_pipeline_runs_end_to_end_and_skips_what_is_unchanged(ray_local, image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYDAR_SERVE_TOKEN", "pipeline-test-token")
     storage = StorageRoot(str(tmp_path / "store"))
-    spec = _spec(image_folder)
+    overrides = _overrides(image_folder)
+    spec = load_spec(DEMO_SPEC, overrides=overrides)
 
-    first = run_pipeline(spec, storage, progress=False, port=8123)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    first = run_pipeline(spec, storage, progress=False, port=port, overrides=overrides)
     try:
         assert first.ran == ["label", "index", "finetune", "evaluate", "deploy"] and first.ok
         evaluation = first.outputs["evaluate"]
@@ -71,7 +73,7 @@ def test_the_pipeline_runs_end_to_end_and_skips_what_is_unchanged(ray_local, ima
     assert again.ran == [] and again.skipped == list(stages)
     assert again.outputs["evaluate"]["headline"] == evaluation["headline"]
 
-    changed = _spec(image_folder, **{"student.learning_rate": 1e-3})
+    changed = load_spec(DEMO_SPEC, overrides=_overrides(image_folder, **{"student.learning_rate": 1e-3}))
     third = run_pipeline(changed, storage, stages=stages, progress=False)
     assert third.skipped == ["label", "index"] and third.ran == ["finetune", "evaluate"]
     assert third.outputs["finetune"]["checkpoint"] != first.outputs["finetune"]["checkpoint"]
