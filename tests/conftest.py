@@ -134,3 +134,22 @@ def teach_one_answer(images: list, folder: Path, steps: int = 60) -> Path:
     state = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     save_checkpoint(folder, student, processor, spec, state, {"step": steps, "epoch": 0, "val_loss": 0.5})
     return folder
+
+
+# Ray, gRPC, Chroma and torch leave native threads behind; in a fresh-clone run one of them crashed the
+# interpreter's own teardown (SIGSEGV) after every test had run and the summary was printed, turning
+# pytest's exit status into a crash. By the end of the session the outcome is known: leave with it.
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    session.config._raydar_exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    status = getattr(config, "_raydar_exit_status", None)
+    if status is not None and os.environ.get("RAYDAR_TEST_HARD_EXIT", "1") == "1":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
