@@ -104,3 +104,24 @@ def test_impossible_requests_fail_before_any_worker_starts(labelled, student, me
 def test_no_labelled_rows_is_a_clear_error(labelled, tmp_path):
     with pytest.raises(FileNotFoundError, match="no labels yet"):
         finetune(student_spec(), StorageRoot(tmp_path / "empty"), run_name="never")
+
+
+def test_gradient_checkpointing_recomputes_and_still_trains_the_adapter(demo_folder):
+    """`student.gradient_checkpointing`: the base checkpoints its layers, and LoRA still gets gradients
+    through the frozen embeddings (the input-grad hook PEFT needs)."""
+    from PIL import Image
+
+    from jobs.finetune import build_student
+    from raydar.models import resolve_base_model
+    from raydar.sft import collate
+    from tests.conftest import STUDENT_LABEL, ground_truth_files
+
+    spec = student_spec(gradient_checkpointing=True)
+    student, builder, processor = build_student(spec, str(resolve_base_model(spec.student.base_model, "qwen2_vl")))
+    assert student.model.is_gradient_checkpointing
+    image = Image.open(demo_folder / ground_truth_files(demo_folder)[0]).convert("RGB")
+    batch = collate([builder.example(image, STUDENT_LABEL)], processor.tokenizer.pad_token_id)
+    student.train()
+    student(batch, [STUDENT_LABEL]).backward()
+    grads = [p.grad for n, p in student.named_parameters() if "lora_B" in n]  # A gets none while B is 0
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
