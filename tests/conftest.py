@@ -6,6 +6,7 @@ that builds a multi-node cluster needs Ray to itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -38,6 +39,35 @@ def image_folder(tmp_path, demo_folder) -> Path:
     folder = tmp_path / "images"
     shutil.copytree(demo_folder, folder)
     return folder
+
+
+# A user's bucket, as tests see it: moto's S3 server on 127.0.0.1 with throwaway credentials.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "raydar-test", "AWS_SECRET_ACCESS_KEY": "raydar-test",
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@contextlib.contextmanager
+def s3_server():
+    """moto's S3 on a free loopback port, its credentials in the environment meanwhile (start Ray inside,
+    so that Ray's workers inherit them as they would on a cluster). Yields the pyarrow URI options that
+    reach it: `s3://bucket/path?<options>`."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+    os.environ.update(S3_CREDENTIALS)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"endpoint_override=127.0.0.1:{port}&scheme=http"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 def start_teacher(folder: Path, faults: list[Fault] | None = None, latency_s: float = 0.01,

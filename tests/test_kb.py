@@ -31,7 +31,7 @@ from raydar.metrics import score
 from raydar.rag import RagDetector
 from raydar.tasks import task_kind
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
-from tests.conftest import demo_spec, start_teacher
+from tests.conftest import demo_spec, s3_server, start_teacher
 
 
 def label_with_teacher(spec, folder, records, storage: StorageRoot, source: str | None = None) -> None:
@@ -71,10 +71,6 @@ def label_with_teacher(spec, folder, records, storage: StorageRoot, source: str 
 def _payload(spec, data, prepared):
     payload, media_type = teacher_payload(data, prepared, spec.teacher.image_format)
     return payload, *prepared.image.size, media_type
-
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "raydar-test", "AWS_SECRET_ACCESS_KEY": "raydar-test",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 def summary(record: dict) -> tuple[int, str]:
@@ -344,19 +340,10 @@ def test_snapshot_in_a_bucket_serves_a_read_only_replica(built, tmp_path):
     local copy and writes the snapshot back; a replica loads it read-only and reads example images from
     the bucket."""
     import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
 
     from raydar.kb import SourceImages
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        options = f"endpoint_override=127.0.0.1:{port}&scheme=http"
+    with s3_server() as options:
         fs, _ = pafs.FileSystem.from_uri(f"s3://raydar-kb?{options}&allow_bucket_creation=true")
         fs.create_dir("raydar-kb")
         records = built.records[:10]
@@ -380,10 +367,6 @@ def test_snapshot_in_a_bucket_serves_a_read_only_replica(built, tmp_path):
             assert hit.id == records[4]["image_id"] and hit.metadata["source_uri"].startswith("s3://raydar-kb/images/")
             assert SourceImages(spec, storage).read(hit.metadata["source_uri"]) == \
                 (built.folder / records[4]["file"]).read_bytes()
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 # ---------------------------------------------------------------- the RAG detector

@@ -4,7 +4,6 @@ the bucket into a checkpoint in the bucket, then serve that checkpoint with the 
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import time
@@ -19,31 +18,15 @@ from cluster import StorageRoot, connect
 from jobs.finetune import finetune
 from jobs.label import label_images
 from raydar.labels import LabelStore
-from tests.conftest import TEST_STUDENT, demo_spec, ground_truth_files, start_teacher
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "raydar-test", "AWS_SECRET_ACCESS_KEY": "raydar-test",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
+from tests.conftest import TEST_STUDENT, demo_spec, ground_truth_files, s3_server, start_teacher
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto's S3 on a free loopback port; credentials in the environment before Ray starts, so the
-    read tasks on Ray's workers find them as they would on a cluster."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    connect(num_cpus=2)
-    yield f"endpoint_override=127.0.0.1:{port}&scheme=http"
-    ray.shutdown()
-    server.stop()
-    for key, value in saved.items():
-        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    """moto's S3; Ray started inside it, so the read tasks on Ray's workers find the credentials."""
+    with s3_server() as options:
+        connect(num_cpus=2)
+        yield options
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
