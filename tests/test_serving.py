@@ -415,3 +415,26 @@ def test_the_shipped_serve_config_is_valid():
 def test_bad_args_are_refused_naming_the_field(args, message):
     with pytest.raises(ValueError, match=message):
         build_app(args)
+
+
+def test_detections_served_and_member_disagreement_reach_prometheus(served):
+    """The endpoint's own metrics (ray.util.metrics) as the node's Prometheus endpoint exports them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with served.client() as client:
+        assert detect(client, served.image(0)).status_code == 200
+    port = ray.nodes()[0]["MetricsExportPort"]
+
+    def samples(name: str, **tags) -> float:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in tags.items()))
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the agent exports what the replicas recorded every few seconds
+        served_total = samples("ray_raydar_detections_served_total", dataset="demo_cells", member="fused")
+        compared = samples("ray_raydar_member_disagreement_count", dataset="demo_cells")
+        if served_total >= 1 and compared >= 1:
+            break
+        time.sleep(1)
+    assert served_total >= 1 and compared >= 1, (served_total, compared)
