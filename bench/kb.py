@@ -74,9 +74,9 @@ def run(args, folder: Path, work: Path) -> None:
     entries = entries_from_labels(spec, LabelStore(storage.child(spec.name, "labels")).read_labels())
     need = [True] * len(entries)
 
-    embed_here(spec, storage, entries[:64], need_image=need[:64])  # load the models outside the timings
+    embed_all(spec, storage, entries[:64], need[:64])  # load the models outside the timings
     t, cpu = time.perf_counter(), time.process_time()
-    text, image = embed_here(spec, storage, entries, need_image=need)
+    text, image = embed_all(spec, storage, entries, need)
     embed_s, embed_cpu = time.perf_counter() - t, time.process_time() - cpu
     from raydar.embeddings import image_embedder, text_embedder
 
@@ -99,7 +99,7 @@ def run(args, folder: Path, work: Path) -> None:
     # (starting Ray, the actors, their models) from its rate: T(n) = start + n / rate
     n_ray = min(args.ray_entries, len(entries))
     t = time.perf_counter()
-    embed_here(spec, storage, entries[:n_ray], need_image=need[:n_ray])
+    embed_all(spec, storage, entries[:n_ray], need[:n_ray])
     here_rate = n_ray / (time.perf_counter() - t)
     small = max(1, n_ray // 4)
     big_s = ray_embed(spec, storage, entries[:n_ray], need[:n_ray])
@@ -138,6 +138,12 @@ def write_labels(spec, folder: Path, storage: StorageRoot) -> None:
     store.write_snapshot("bench")
 
 
+def embed_all(spec, storage, entries, need) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry's text and image vectors, embedded in this process (batches come in entry order)."""
+    batches = list(embed_here(spec, storage, entries, need_image=need))
+    return np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches])
+
+
 def ray_embed(spec, storage, entries, need) -> float:
     import ray
 
@@ -146,7 +152,8 @@ def ray_embed(spec, storage, entries, need) -> float:
     t = time.perf_counter()
     connect()
     try:
-        embed_on_ray(spec, storage, entries, need_image=need)
+        for _ in embed_on_ray(spec, storage, entries, need_image=need):
+            pass
     finally:
         elapsed = time.perf_counter() - t
         ray.shutdown()
@@ -204,11 +211,10 @@ def measure(mode, spec, storage, entries, text, image, embed_s, folder, args) ->
 
         rng = random.Random(0)
         picks = [rng.randrange(len(entries)) for _ in range(args.queries)]
-        image_col, text_col = kb._searchable(kb.image_name), kb._searchable(kb.text_name)
-        out["image query, Chroma only"] = latency(lambda i: kb._query(image_col, image[i], 5, None), picks)
+        out["image query, Chroma only"] = latency(lambda i: kb._query("image", image[i], 5, None), picks)
         out["image query, filtered (type=implicit)"] = latency(
-            lambda i: kb._query(image_col, image[i], 5, {"type": "implicit"}), picks)
-        out["text query, Chroma only"] = latency(lambda i: kb._query(text_col, text[i], 5, None), picks)
+            lambda i: kb._query("image", image[i], 5, {"type": "implicit"}), picks)
+        out["text query, Chroma only"] = latency(lambda i: kb._query("text", text[i], 5, None), picks)
         pngs = {i: (folder / Path(entries[i].source_uri).name).read_bytes() for i in set(picks)}
         out["search_image from PNG bytes"] = latency(lambda i: kb.search_image(pngs[i], n=5), picks)
         out["search_text from words"] = latency(lambda i: kb.search_text(TEXT_QUERIES[i % len(TEXT_QUERIES)], n=5),

@@ -9,7 +9,8 @@
 
 Reads `<storage>/<name>/labels/labels.parquet`, makes one entry per ok row (document, metadata,
 content hash), embeds only new images and new or changed documents, writes them into the
-knowledge base, deletes entries whose image is no longer labelled, and writes the read-only
+knowledge base a batch at a time (a build killed half way keeps the batches it wrote; the next one
+embeds only the rest), deletes entries whose image is no longer labelled, and writes the read-only
 snapshot that serving replicas load. Embedding runs in this process, or on Ray Data actors for large
 sets with cores to spread over (`--ray` / `--no-ray` to choose; see RAY_MIN_ENTRIES and bench/RESULTS.md).
 """
@@ -22,6 +23,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +53,7 @@ from raydar.spec import DatasetSpec
 # On this project's 2-core machine they measured no faster than the driver, plus ~18 s start-up (Ray, the
 # actors, a model each); bench/kb.py and bench/RESULTS.md.
 RAY_MIN_ENTRIES = 5000
-BATCH = 64
+BATCH = 64  # entries embedded, then written, per step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +66,9 @@ def _build_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--rebuild", action="store_true",
                         help="Delete the knowledge base and index everything again (after changing an embedder).")
+    parser.add_argument("--batch-size", type=_positive, default=BATCH, metavar="N",
+                        help=f"Entries embedded and written per step (default {BATCH}); a build stopped half way "
+                             "keeps the steps it wrote.")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--ray", dest="use_ray", action="store_true", default=None, help="Embed on Ray Data actors.")
     where.add_argument("--no-ray", dest="use_ray", action="store_false", help="Embed in this process.")
@@ -73,12 +78,18 @@ def build(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     try:
         result = index_labels(spec, StorageRoot(args.storage), rebuild=args.rebuild, use_ray=args.use_ray,
-                              address=args.address, progress=not args.quiet)
+                              address=args.address, batch_size=args.batch_size, progress=not args.quiet)
     except (KnowledgeBaseError, EmbedderError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result.summary())
     return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1, got {text!r}")
+    return int(text)
 
 
 # ---------------------------------------------------------------- the index run
@@ -108,7 +119,7 @@ class IndexResult:
 
 
 def index_labels(spec: DatasetSpec, storage: StorageRoot, *, rebuild: bool = False, use_ray: bool | None = None,
-                 address: str | None = None, progress: bool = False) -> IndexResult:
+                 address: str | None = None, batch_size: int = BATCH, progress: bool = False) -> IndexResult:
     """Bring the knowledge base of `spec` up to date with its labels; see the module docstring."""
     started = time.time()
     labels = LabelStore(storage.child(spec.name, "labels")).read_labels()
@@ -131,11 +142,15 @@ def index_labels(spec: DatasetSpec, storage: StorageRoot, *, rebuild: bool = Fal
                 from cluster import connect
 
                 connect(address)
-            text, image = embed(spec, storage, todo, need_image=[e.id not in kept for e in todo], progress=progress)
-            for row, entry in enumerate(todo):
-                if entry.id in kept:
-                    image[row] = kept[entry.id]
-            kb.upsert(todo, text, image)
+            # an update per batch written, each shown (mininterval=0): a user, or a test, sees how far it got
+            bar = tqdm(total=len(todo), desc=f"index {spec.name}", unit="entry", disable=not progress,
+                       file=sys.stderr, mininterval=0)
+            for batch, text, image in embed(spec, storage, todo, need_image=[e.id not in kept for e in todo],
+                                            batch_size=batch_size):
+                image = np.stack([kept.get(e.id, vector) for e, vector in zip(batch, image)])
+                kb.upsert(batch, text, image)  # before the next batch is embedded
+                bar.update(len(batch))
+            bar.close()
         if plan.removed:
             kb.delete(plan.removed)
         result.location = kb.location
@@ -186,46 +201,36 @@ def _columns(entries: list[Entry], need_image: list[bool]) -> dict[str, np.ndarr
     }
 
 
+Embedded = Iterator[tuple[list[Entry], np.ndarray, np.ndarray]]  # (entries, their text vectors, image vectors)
+
+
 def embed_here(spec: DatasetSpec, storage: StorageRoot, entries: list[Entry], *, need_image: list[bool],
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Embed in this process, in batches."""
+               batch_size: int = BATCH) -> Embedded:
+    """Embed in this process, a batch at a time, each batch as it is needed."""
     embed = EmbedEntries(spec, storage)
     columns = _columns(entries, need_image)
-    texts, images = [], []
-    bar = tqdm(total=len(entries), desc=f"index {spec.name}", unit="entry", disable=not progress, file=sys.stderr)
-    for start in range(0, len(entries), BATCH):
-        out = embed({k: v[start:start + BATCH] for k, v in columns.items()})
-        texts.append(out["text_vector"])
-        images.append(out["image_vector"])
-        bar.update(len(out["id"]))
-    bar.close()
-    return np.concatenate(texts), np.concatenate(images)
+    for start in range(0, len(entries), batch_size):
+        out = embed({k: v[start:start + batch_size] for k, v in columns.items()})
+        yield entries[start:start + batch_size], out["text_vector"], out["image_vector"]
 
 
 def embed_on_ray(spec: DatasetSpec, storage: StorageRoot, entries: list[Entry], *, need_image: list[bool],
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Embed on a pool of Ray Data actors (one per CPU of the cluster, each with one thread)."""
+                 batch_size: int = BATCH) -> Embedded:
+    """Embed on a pool of Ray Data actors (one per CPU of the cluster, each with one thread), in the order
+    the batches finish."""
     import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows its own
     columns = _columns(entries, need_image)
     rows = [{k: columns[k][i] for k in columns} for i in range(len(entries))]
-    actors = max(1, min(int(ray.cluster_resources().get("CPU", 1)), -(-len(entries) // BATCH)))
-    ds = ray.data.from_items(rows, override_num_blocks=max(actors, len(entries) // (4 * BATCH) or 1))
+    actors = max(1, min(int(ray.cluster_resources().get("CPU", 1)), -(-len(entries) // batch_size)))
+    ds = ray.data.from_items(rows, override_num_blocks=max(actors, len(entries) // (4 * batch_size) or 1))
     ds = ds.map_batches(EmbedEntries, fn_constructor_kwargs={"spec": spec, "storage": storage, "threads": 1},
-                        batch_size=BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=1)
-    order = {e.id: i for i, e in enumerate(entries)}
-    text = np.zeros((len(entries), 0), np.float32)
-    image = None
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if image is None:
-            text = np.zeros((len(entries), batch["text_vector"].shape[1]), np.float32)
-            image = np.zeros((len(entries), batch["image_vector"].shape[1]), np.float32)
-        rows_at = [order[i] for i in batch["id"]]
-        text[rows_at] = batch["text_vector"]
-        image[rows_at] = batch["image_vector"]
-    return text, image
+    by_id = {e.id: e for e in entries}
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        yield [by_id[i] for i in batch["id"]], batch["text_vector"], batch["image_vector"]
 
 
 # ---------------------------------------------------------------- the `raydar kb` command

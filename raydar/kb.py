@@ -1,11 +1,15 @@
 """The knowledge base: every labelled example of a dataset, searchable by text and by image (ChromaDB).
 
-One entry per labelled image (id = the image's sha256): a document saying what the teacher found
-(classes, counts, the ontology's descriptions, objects' descriptions, Q&A, captions), metadata to
-filter on (split, label types, per-class counts, source URI, teacher, confidence and difficulty when
-the teacher gave them) and the label itself, plus two vectors: the document's text embedding and the
-image's embedding. Chroma keeps one vector space per collection, so a dataset's knowledge base is a
-pair of collections with the same ids and metadata: `<dataset>.text` and `<dataset>.image`.
+One entry per labelled image (id = the image's sha256) in one Chroma collection per dataset (named
+after it): a document saying what the teacher found (classes, counts, the ontology's descriptions,
+objects' descriptions, Q&A, captions), metadata to filter on (split, label types, per-class counts,
+source URI, teacher, confidence and difficulty when the teacher gave them) and the label itself, plus
+one vector holding both embeddings. Chroma keeps one vector space per collection, so the vector is
+the document's text embedding and the image's embedding, each scaled to length 1/sqrt(2), side by
+side; a text query is its embedding followed by zeros, an image query zeros followed by its
+embedding. The cosine between a query and an entry is then the cosine of the searched halves over
+sqrt(2): the ranking is exactly that of text alone or image alone, and a hit's distance is converted
+back to that half's cosine distance.
 
 Where it lives (`KnowledgeBase.open`):
 - an embedded Chroma at `<storage>/<dataset>/kb/chroma` for a local storage root (the default);
@@ -16,7 +20,9 @@ Where it lives (`KnowledgeBase.open`):
   for writing: the build restores the snapshot locally, updates it and writes it back.
 
 Re-indexing is incremental: a content hash in each entry's metadata says whether its row changed;
-only new images are embedded as images, only new or changed rows as text.
+only new images are embedded as images, only new or changed rows as text. An entry is one Chroma
+record (vector, document, metadata and hash together), so an entry is either stored whole or not at
+all, also when a build is killed half way.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -74,7 +81,8 @@ class Entry:
 
 @dataclass
 class Hit:
-    """One search result: smaller distance = more similar (cosine distance, 0-2)."""
+    """One search result: smaller distance = more similar (the cosine distance, 0-2, between the query and
+    the entry's text embedding for a text query, its image embedding for an image query)."""
 
     id: str
     distance: float | None
@@ -279,6 +287,41 @@ def decode_query_image(data: bytes, spec: DatasetSpec) -> Image.Image:
 
 # ---------------------------------------------------------------- the knowledge base
 
+SIDES = ("text", "image")  # the halves of every stored vector, in this order
+_EMBEDDER_KEYS = ("embedder", "embedder_version", "dim")
+
+
+def collection_name(dataset: str) -> str:
+    """The dataset's name, or `<name>.kb` where Chroma refuses it (under 3 characters, or ending in `_` or
+    `-`); a dataset name holds no dot, so no two datasets meet."""
+    return dataset if len(dataset) >= 3 and dataset[-1].isalnum() else f"{dataset}.kb"
+
+
+def joint_vectors(text: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Entries' vectors: each row's text and image embeddings, each of length 1/sqrt(2), side by side."""
+    return np.hstack([_unit(text), _unit(image)]) * np.float32(1 / math.sqrt(2))
+
+
+def half_distance(distance: float) -> float:
+    """Chroma's cosine distance between an entry and a one-sided query -> the cosine distance between the
+    query and the searched half: the entry's cosine with the query is the halves' cosine over sqrt(2)."""
+    return min(2.0, max(0.0, 1 - math.sqrt(2) * (1 - float(distance))))
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.atleast_2d(np.asarray(vectors, np.float32))
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1)
+
+
+def _described(embedder) -> dict:
+    return {"embedder": embedder.name, "embedder_version": embedder.version, "dim": int(embedder.dim)}
+
+
+def _embedder_of(metadata: dict, side: str) -> dict:
+    """The embedder a collection's `side` half came from, as `_described` gives it."""
+    return {key: metadata.get(f"{side}_{key}") for key in _EMBEDDER_KEYS}
+
 
 @dataclass
 class IndexPlan:
@@ -303,9 +346,8 @@ class KnowledgeBase:
         self.read_only = read_only
         # a replica's local copy goes when the object does, or at exit, also if close() is never called
         self._cleanup = weakref.finalize(self, shutil.rmtree, temp_dir, True) if temp_dir else None
-        self.text_name = f"{spec.name}.text"
-        self.image_name = f"{spec.name}.image"
-        self._ready: dict[str, Any] = {}  # collections known to exist and hold entries
+        self.name = collection_name(spec.name)
+        self._ready = None  # the collection, once known to exist and hold entries
 
     # opening ------------------------------------------------------------
     @classmethod
@@ -358,30 +400,50 @@ class KnowledgeBase:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # collections --------------------------------------------------------
-    def _collection(self, name: str, *, create_with: dict | None = None):
+    # the collection ------------------------------------------------------
+    def _collection(self, *, create_with: dict | None = None):
+        collection = self._get(self.name)
+        if collection is not None:
+            return collection
+        old = self._old_layout()
+        if old:
+            raise KnowledgeBaseError(
+                f"the knowledge base of {self.spec.name!r} at {self.location} is in the old layout of two "
+                f"collections ({', '.join(old)}); rebuild it as one with "
+                f"`raydar kb build --spec {self.spec.source_file or '<spec>'} --rebuild`"
+            )
+        if create_with is None:
+            return None
+        return self.client.create_collection(self.name, metadata=create_with, embedding_function=None,
+                                             configuration={"hnsw": {"space": "cosine"}})
+
+    def _get(self, name: str):
         from chromadb.errors import NotFoundError
 
         try:
             return self.client.get_collection(name, embedding_function=None)
         except (NotFoundError, ValueError):
-            if create_with is None:
-                return None
-        return self.client.create_collection(name, metadata=create_with, embedding_function=None,
-                                             configuration={"hnsw": {"space": "cosine"}})
+            return None
 
-    def _identity(self, vectors: str, embedder) -> dict:
-        return {"raydar": "knowledge-base", "dataset": self.spec.name, "task": self.spec.task.kind,
-                "vectors": vectors, "embedder": embedder.name, "embedder_version": embedder.version,
-                "dim": int(embedder.dim)}
+    def _old_layout(self) -> list[str]:
+        """The collections of a knowledge base built before one collection per dataset, if any."""
+        return [name for name in (f"{self.spec.name}.text", f"{self.spec.name}.image") if self._get(name) is not None]
 
-    def _searchable(self, name: str):
-        if name in self._ready:
-            return self._ready[name]
-        collection = self._collection(name)
+    def _identity(self, text: dict, image: dict, **extra) -> dict:
+        """The collection's metadata: what it holds, and the embedder of each half (as `_described` gives it)."""
+        identity = {"raydar": "knowledge-base", "dataset": self.spec.name, "task": self.spec.task.kind,
+                    "vectors": "+".join(SIDES), **extra}
+        for side, embedder in zip(SIDES, (text, image)):
+            identity.update({f"{side}_{key}": embedder[key] for key in _EMBEDDER_KEYS})
+        return identity
+
+    def _searchable(self):
+        if self._ready is not None:
+            return self._ready
+        collection = self._collection()
         if collection is None:
             raise KnowledgeBaseError(
-                f"no knowledge base for {self.spec.name!r} at {self.location} (collection {name} is missing); "
+                f"no knowledge base for {self.spec.name!r} at {self.location} (collection {self.name} is missing); "
                 f"build it with `raydar kb build --spec {self.spec.source_file or '<spec>'}`"
             )
         if collection.count() == 0:
@@ -389,22 +451,16 @@ class KnowledgeBase:
                 f"the knowledge base of {self.spec.name!r} at {self.location} is empty; label images "
                 "(`raydar label`) and build it (`raydar kb build`)"
             )
-        self._ready[name] = collection
+        self._ready = collection
         return collection
 
     @staticmethod
-    def _check_embedder(collection, embedder) -> None:
+    def _check_embedder(collection, side: str, embedder) -> None:
         """Vectors from two embedders cannot be compared: refuse, saying which is which."""
-        stored = collection.metadata or {}
-        ours = (embedder.name, embedder.version, int(embedder.dim))
-        theirs = (stored.get("embedder"), stored.get("embedder_version"), stored.get("dim"))
+        ours, theirs = _described(embedder), _embedder_of(collection.metadata or {}, side)
         if ours != theirs:
-            raise KnowledgeBaseError(
-                f"embedder mismatch in collection {collection.name}: it was built with {theirs[0]} "
-                f"(version {theirs[1]}, {theirs[2]} dimensions) but this query uses {ours[0]} (version {ours[1]}, "
-                f"{ours[2]} dimensions); set the spec's knowledge_base embedder back, or rebuild with "
-                "`raydar kb build --rebuild`"
-            )
+            described = "{embedder} (version {embedder_version}, {dim} dimensions)".format
+            raise _mismatch(collection, side, described(**theirs), f"this query uses {described(**ours)}")
 
     write_batch = 1000  # entries per Chroma call (under the client's own limit)
 
@@ -414,23 +470,21 @@ class KnowledgeBase:
     def check_embedders(self) -> None:
         """Before indexing: the spec's embedders must be the ones the stored vectors came from (the text
         embedder by name, so that a build with nothing new does not load the model)."""
-        text, image = self._collection(self.text_name), self._collection(self.image_name)
-        if image is not None:
-            self._check_embedder(image, image_embedder(self.spec.knowledge_base.image_embedder))
-        stored = (text.metadata or {}).get("embedder") if text is not None else None
-        if stored is not None and stored != self.spec.knowledge_base.embedder:
-            raise KnowledgeBaseError(
-                f"embedder mismatch in collection {text.name}: it was built with {stored} but the spec asks for "
-                f"{self.spec.knowledge_base.embedder}; set it back, or rebuild with `raydar kb build --rebuild`"
-            )
+        collection = self._collection()
+        if collection is None:
+            return
+        self._check_embedder(collection, "image", image_embedder(self.spec.knowledge_base.image_embedder))
+        stored = _embedder_of(collection.metadata or {}, "text")["embedder"]
+        if stored != self.spec.knowledge_base.embedder:
+            raise _mismatch(collection, "text", stored, f"the spec asks for {self.spec.knowledge_base.embedder}")
 
     def _writable(self) -> None:
         if self.read_only:
             raise KnowledgeBaseError(f"the knowledge base at {self.location} is opened read-only")
-        self._ready.clear()
+        self._ready = None
 
     def count(self) -> int:
-        collection = self._collection(self.text_name)
+        collection = self._collection()
         return collection.count() if collection is not None else 0
 
     # indexing ------------------------------------------------------------
@@ -450,20 +504,12 @@ class KnowledgeBase:
         plan.removed = sorted(set(stored) - wanted)
         return plan
 
-    def _stored_hashes(self) -> dict[str, str | None]:
-        text, image = self._collection(self.text_name), self._collection(self.image_name)
-        if text is None or image is None:
+    def _stored_hashes(self) -> dict[str, str]:
+        collection = self._collection()
+        if collection is None:
             return {}
-        in_image = set(self._all_ids(image))
-        hashes = {}
-        for page in self._pages(text, include=["metadatas"]):
-            for id_, meta in zip(page["ids"], page["metadatas"]):
-                # an entry whose image vector is missing (an interrupted build) counts as new
-                hashes[id_] = (meta or {}).get("content_hash") if id_ in in_image else None
-        return {k: v for k, v in hashes.items() if v is not None}
-
-    def _all_ids(self, collection) -> list[str]:
-        return [i for page in self._pages(collection, include=[]) for i in page["ids"]]
+        return {id_: meta["content_hash"] for page in self._pages(collection, include=["metadatas"])
+                for id_, meta in zip(page["ids"], page["metadatas"]) if (meta or {}).get("content_hash")}
 
     @staticmethod
     def _pages(collection, include: list[str]) -> Iterable[dict]:
@@ -476,119 +522,122 @@ class KnowledgeBase:
             offset += len(page["ids"])
 
     def image_vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
-        """Stored image vectors (to keep them for entries whose label changed but image did not)."""
-        return self._vectors(self.image_name, ids)
+        """Stored image embeddings (to keep them for entries whose label changed but image did not)."""
+        return self._vectors("image", ids)
 
     def text_vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
-        return self._vectors(self.text_name, ids)
+        return self._vectors("text", ids)
 
-    def _vectors(self, name: str, ids: list[str]) -> dict[str, np.ndarray]:
-        collection = self._collection(name)
+    def _vectors(self, side: str, ids: list[str]) -> dict[str, np.ndarray]:
+        collection = self._collection()
         if collection is None or not ids:
             return {}
         got = collection.get(ids=list(ids), include=["embeddings"])
-        return {i: np.asarray(v, np.float32) for i, v in zip(got["ids"], got["embeddings"])}
+        if not len(got["ids"]):
+            return {}
+        return dict(zip(got["ids"], self._halves(collection, got["embeddings"])[side]))
+
+    @staticmethod
+    def _halves(collection, vectors) -> dict[str, np.ndarray]:
+        """Stored vectors split back into unit text and image embeddings."""
+        vectors = np.asarray(vectors, np.float32)
+        cut = int(collection.metadata["text_dim"])
+        return {"text": _unit(vectors[:, :cut]), "image": _unit(vectors[:, cut:])}
 
     def upsert(self, entries: list[Entry], text_vectors: np.ndarray, image_vectors: np.ndarray, *,
                text_embedder_=None, image_embedder_=None) -> None:
-        """Write entries with their vectors (rows in the same order) into both collections."""
+        """Write entries with their text and image vectors (rows in the same order). Each entry is one
+        Chroma record, its content hash beside its vector, so a write cut short leaves every entry whole
+        or absent: never one that looks stored and is not."""
         self._writable()
         if not entries:
             return
         text_e = text_embedder_ or text_embedder(self.spec.knowledge_base.embedder)
         image_e = image_embedder_ or image_embedder(self.spec.knowledge_base.image_embedder)
-        text = self._collection(self.text_name, create_with=self._identity("text", text_e))
-        image = self._collection(self.image_name, create_with=self._identity("image", image_e))
-        self._check_embedder(text, text_e)
-        self._check_embedder(image, image_e)
+        collection = self._collection(create_with=self._identity(_described(text_e), _described(image_e)))
+        self._check_embedder(collection, "text", text_e)
+        self._check_embedder(collection, "image", image_e)
+        vectors = joint_vectors(text_vectors, image_vectors)
         step = self._chunk()
         for start in range(0, len(entries), step):
             chunk = entries[start:start + step]
-            ids = [e.id for e in chunk]
-            docs = [e.document for e in chunk]
-            metas = [e.metadata for e in chunk]
-            # the image collection first: an entry counts as stored once its text side (with the hash) is
-            text_part, image_part = text_vectors[start:start + step], image_vectors[start:start + step]
-            image.upsert(ids=ids, embeddings=image_part, documents=docs, metadatas=metas)
-            text.upsert(ids=ids, embeddings=text_part, documents=docs, metadatas=metas)
+            collection.upsert(ids=[e.id for e in chunk], embeddings=vectors[start:start + step],
+                              documents=[e.document for e in chunk], metadatas=[e.metadata for e in chunk])
         stamp = {"updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        for collection in (text, image):
-            collection.modify(metadata={**(collection.metadata or {}), **stamp})
+        collection.modify(metadata={**(collection.metadata or {}), **stamp})
 
     def delete(self, ids: list[str]) -> None:
         self._writable()
-        for name in (self.text_name, self.image_name):
-            collection = self._collection(name)
-            if collection is not None and ids:
-                for start in range(0, len(ids), _PAGE):
-                    collection.delete(ids=ids[start:start + _PAGE])
+        collection = self._collection()
+        if collection is not None and ids:
+            for start in range(0, len(ids), _PAGE):
+                collection.delete(ids=ids[start:start + _PAGE])
 
     def reset(self) -> None:
-        """Delete both collections (a rebuild, e.g. after changing the embedder)."""
+        """Delete the collection, and those of the old two-collection layout (a rebuild, e.g. after
+        changing an embedder)."""
         self._writable()
-        for name in (self.text_name, self.image_name):
-            if self._collection(name) is not None:
-                self.client.delete_collection(name)
+        names = self._old_layout() + ([self.name] if self._get(self.name) is not None else [])
+        for name in names:
+            self.client.delete_collection(name)
 
     # searching -----------------------------------------------------------
     def search_text(self, query: str, n: int = 5, where: dict | None = None) -> list[Hit]:
         """Entries whose document is closest in meaning to `query`."""
         if not query.strip():
             raise KnowledgeBaseError("empty text query")
-        collection = self._searchable(self.text_name)
         embedder = text_embedder(self.spec.knowledge_base.embedder)
-        self._check_embedder(collection, embedder)
-        return self._query(collection, embedder.embed([query])[0], n, where)
+        self._check_embedder(self._searchable(), "text", embedder)
+        return self._query("text", embedder.embed([query])[0], n, where)
 
     def search_image(self, image: bytes | Image.Image, n: int = 5, where: dict | None = None,
                      exclude: Iterable[str] = ()) -> list[Hit]:
         """Entries whose image looks most like `image` (encoded bytes or a decoded image)."""
-        collection = self._searchable(self.image_name)
-        vector = self.embed_image(image, collection)
-        return self._query(collection, vector, n, where, exclude)
+        return self._query("image", self.embed_image(image), n, where, exclude)
 
-    def embed_image(self, image: bytes | Image.Image, collection=None) -> np.ndarray:
-        collection = collection or self._searchable(self.image_name)
+    def embed_image(self, image: bytes | Image.Image) -> np.ndarray:
         embedder = image_embedder(self.spec.knowledge_base.image_embedder)
-        self._check_embedder(collection, embedder)
+        self._check_embedder(self._searchable(), "image", embedder)
         if isinstance(image, (bytes, bytearray)):
             image = decode_query_image(bytes(image), self.spec)
         return embedder.embed([image])[0]
 
-    def _query(self, collection, vector: np.ndarray, n: int, where: dict | None,
+    def _query(self, side: str, vector: np.ndarray, n: int, where: dict | None,
                exclude: Iterable[str] = ()) -> list[Hit]:
+        """The `n` entries nearest to `vector` on the `side` half: the query holds zeros on the other."""
         if n < 1:
             return []
+        collection = self._searchable()
         clauses = [c for c in (where_filter(where),) if c]
         exclude = list(exclude)
         if exclude:
             clauses.append({"image_id": {"$nin": exclude}})
         chroma_where = None if not clauses else clauses[0] if len(clauses) == 1 else {"$and": clauses}
-        result = collection.query(query_embeddings=[np.asarray(vector, np.float32)], n_results=n,
+        halves = {s: np.zeros(int(collection.metadata[f"{s}_dim"]), np.float32) for s in SIDES}
+        halves[side] = _unit(vector)[0]
+        result = collection.query(query_embeddings=[np.concatenate([halves[s] for s in SIDES])], n_results=n,
                                   where=chroma_where, include=["documents", "metadatas", "distances"])
-        return [Hit(i, float(d), doc, meta) for i, d, doc, meta in
+        return [Hit(i, half_distance(d), doc, meta) for i, d, doc, meta in
                 zip(result["ids"][0], result["distances"][0], result["documents"][0], result["metadatas"][0])]
 
     def list(self, where: dict | None = None, limit: int | None = 20, offset: int = 0) -> list[Hit]:
         """Entries in id order (Chroma's), optionally filtered."""
-        collection = self._searchable(self.text_name)
-        got = collection.get(where=where_filter(where), limit=limit, offset=offset,
-                             include=["documents", "metadatas"])
+        got = self._searchable().get(where=where_filter(where), limit=limit, offset=offset,
+                                     include=["documents", "metadatas"])
         return [Hit(i, None, doc, meta) for i, doc, meta in zip(got["ids"], got["documents"], got["metadatas"])]
 
     def stats(self) -> dict:
         """Counts by split and label type, per-class object totals, embedders, where it lives."""
-        text = self._collection(self.text_name)
-        image = self._collection(self.image_name)
-        out: dict[str, Any] = {"dataset": self.spec.name, "location": self.location, "read_only": self.read_only,
-                               "entries": text.count() if text is not None else 0,
-                               "image_entries": image.count() if image is not None else 0}
-        if text is None:
+        collection = self._collection()
+        out: dict[str, Any] = {"dataset": self.spec.name, "collection": self.name, "location": self.location,
+                               "read_only": self.read_only,
+                               "entries": collection.count() if collection is not None else 0}
+        if collection is None:
             return out
         splits: dict[str, int] = {}
         types: dict[str, int] = {}
         objects: dict[str, int] = {}
-        for page in self._pages(text, include=["metadatas"]):
+        for page in self._pages(collection, include=["metadatas"]):
             for meta in page["metadatas"]:
                 splits[meta.get("split", "")] = splits.get(meta.get("split", ""), 0) + 1
                 for t in meta.get("type", []):
@@ -598,60 +647,70 @@ class KnowledgeBase:
                         objects[key] = objects.get(key, 0) + value
         out.update(splits=dict(sorted(splits.items())), types=dict(sorted(types.items())),
                    objects=dict(sorted(objects.items())))
-        for name, collection in (("text_embedder", text), ("image_embedder", image)):
-            meta = (collection.metadata or {}) if collection is not None else {}
-            out[name] = {k: meta.get(k) for k in ("embedder", "embedder_version", "dim")}
-        out["updated_at"] = (text.metadata or {}).get("updated_at")
+        identity = collection.metadata or {}
+        for side in SIDES:
+            out[f"{side}_embedder"] = _embedder_of(identity, side)
+        out["updated_at"] = identity.get("updated_at")
         return out
 
     # snapshots -----------------------------------------------------------
     def write_snapshot(self) -> str:
-        """Every entry with both vectors, as one Parquet file beside the knowledge base; returns its URI."""
-        text, image = self._collection(self.text_name), self._collection(self.image_name)
-        if text is None or image is None:
+        """Every entry with its text and image vectors, as one Parquet file beside the knowledge base;
+        returns its URI."""
+        collection = self._collection()
+        if collection is None:
             raise KnowledgeBaseError(f"nothing to snapshot: the knowledge base of {self.spec.name!r} is missing")
-        rows: dict[str, dict] = {}
-        for page in self._pages(text, include=["documents", "metadatas", "embeddings"]):
-            for i, doc, meta, vec in zip(page["ids"], page["documents"], page["metadatas"], page["embeddings"]):
-                rows[i] = {"id": i, "document": doc, "metadata": json.dumps(meta, sort_keys=True),
-                           "text_vector": np.asarray(vec, np.float32)}
-        for page in self._pages(image, include=["embeddings"]):
-            for i, vec in zip(page["ids"], page["embeddings"]):
-                if i in rows:
-                    rows[i]["image_vector"] = np.asarray(vec, np.float32)
-        complete = [r for r in rows.values() if "image_vector" in r]
-        identity = {"text": text.metadata, "image": image.metadata}
+        ids, documents, metadatas = [], [], []
+        vectors: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
+        for page in self._pages(collection, include=["documents", "metadatas", "embeddings"]):
+            ids += page["ids"]
+            documents += page["documents"]
+            metadatas += [json.dumps(meta, sort_keys=True) for meta in page["metadatas"]]
+            for side, halves in self._halves(collection, page["embeddings"]).items():
+                vectors[side].append(halves)
+        identity = collection.metadata or {}
+        header = {side: _embedder_of(identity, side) for side in SIDES}
+        header["updated_at"] = identity.get("updated_at")
         table = pa.table(
             {
-                "id": pa.array([r["id"] for r in complete], pa.string()),
-                "document": pa.array([r["document"] for r in complete], pa.string()),
-                "metadata": pa.array([r["metadata"] for r in complete], pa.string()),
-                "text_vector": _vectors([r["text_vector"] for r in complete], text.metadata["dim"]),
-                "image_vector": _vectors([r["image_vector"] for r in complete], image.metadata["dim"]),
+                "id": pa.array(ids, pa.string()),
+                "document": pa.array(documents, pa.string()),
+                "metadata": pa.array(metadatas, pa.string()),
+                **{f"{side}_vector": _fixed_size_list(vectors[side], int(header[side]["dim"])) for side in SIDES},
             }
-        ).replace_schema_metadata({"raydar_kb": json.dumps(identity, sort_keys=True)})
+        ).replace_schema_metadata({"raydar_kb": json.dumps(header, sort_keys=True)})
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         self.root.write_bytes(buf.getvalue(), SNAPSHOT)
         return self.root.uri_of(SNAPSHOT)
 
     def _restore(self, table: pa.Table) -> None:
-        identity = json.loads((table.schema.metadata or {}).get(b"raydar_kb", b"{}"))
-        if not identity:
+        # `text` and `image` hold each half's embedder, as in snapshots of the old two-collection layout
+        # (which kept `updated_at` in them)
+        header = json.loads((table.schema.metadata or {}).get(b"raydar_kb", b"{}"))
+        if not header:
             raise KnowledgeBaseError(f"{self.root.uri_of(SNAPSHOT)}: not a raydar knowledge-base snapshot")
-        text = self._collection(self.text_name, create_with=identity["text"])
-        image = self._collection(self.image_name, create_with=identity["image"])
+        updated_at = header.get("updated_at") or header["text"].get("updated_at")
+        extra = {"updated_at": updated_at} if updated_at else {}
+        collection = self._collection(create_with=self._identity(header["text"], header["image"], **extra))
         for batch in table.to_batches(max_chunksize=self._chunk()):
-            ids = batch.column("id").to_pylist()
-            docs = batch.column("document").to_pylist()
-            metas = [json.loads(m) for m in batch.column("metadata").to_pylist()]
-            text.add(ids=ids, documents=docs, metadatas=metas, embeddings=_numpy(batch.column("text_vector")))
-            image.add(ids=ids, documents=docs, metadatas=metas, embeddings=_numpy(batch.column("image_vector")))
+            collection.add(ids=batch.column("id").to_pylist(), documents=batch.column("document").to_pylist(),
+                           metadatas=[json.loads(m) for m in batch.column("metadata").to_pylist()],
+                           embeddings=joint_vectors(_numpy(batch.column("text_vector")),
+                                                    _numpy(batch.column("image_vector"))))
 
 
-def _vectors(rows: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:
-    flat = np.concatenate(rows).astype(np.float32) if rows else np.zeros(0, np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), int(dim))
+def _mismatch(collection, side: str, built_with: str, asked: str) -> KnowledgeBaseError:
+    setting = "embedder" if side == "text" else "image_embedder"
+    return KnowledgeBaseError(
+        f"embedder mismatch in collection {collection.name} ({side} vectors): it was built with {built_with} "
+        f"but {asked}; set the spec's knowledge_base.{setting} back, or rebuild with `raydar kb build --rebuild`"
+    )
+
+
+def _fixed_size_list(parts: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:
+    flat = np.concatenate([p.reshape(-1) for p in parts]).astype(np.float32) if parts else np.zeros(0, np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
 
 
 def _numpy(column: pa.FixedSizeListArray) -> np.ndarray:

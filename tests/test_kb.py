@@ -12,6 +12,9 @@ import asyncio
 import datetime as dt
 import json
 import os
+import select
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,14 +27,20 @@ from cluster import StorageRoot
 from jobs.cli import main as raydar
 from jobs.index import index_labels
 from raydar.demo import make_demo_cells, read_ground_truth
+from raydar.embeddings import text_embedder
 from raydar.images import prepare_image, teacher_payload
-from raydar.kb import KnowledgeBase, KnowledgeBaseError, QueryImageError
+from raydar.kb import (
+    KnowledgeBase,
+    KnowledgeBaseError,
+    QueryImageError,
+    entries_from_labels,
+)
 from raydar.labels import LabelStore
 from raydar.metrics import score
 from raydar.rag import RagDetector
 from raydar.tasks import task_kind
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
-from tests.conftest import demo_spec, s3_server, start_teacher
+from tests.conftest import REPO, demo_spec, s3_server, start_teacher
 
 
 def label_with_teacher(spec, folder, records, storage: StorageRoot, source: str | None = None) -> None:
@@ -111,8 +120,9 @@ def test_build_makes_one_entry_per_labelled_image_with_its_metadata(built):
     result, kb, records = built.result, built.kb, built.records
     assert result.labelled == result.new == len(records) and result.changed == result.removed == 0
     assert kb.count() == len(records)
+    assert [c.name for c in kb.client.list_collections()] == ["demo_cells"]  # text and image vectors in one
     stats = kb.stats()
-    assert stats["image_entries"] == len(records)
+    assert stats["collection"] == "demo_cells" and stats["entries"] == len(records)
     assert stats["text_embedder"] == {"embedder": "all-MiniLM-L6-v2", "embedder_version": "st-384d", "dim": 384}
     assert stats["image_embedder"]["embedder"] == "blob-colour-texture"
     assert set(stats["splits"]) == {"train", "test"}
@@ -143,6 +153,13 @@ def test_image_search_returns_truly_similar_examples(built):
     print(f"image search precision@5 = {p_at_5:.3f}, chance = {base:.3f}")
     assert p_at_5 >= 0.55 and p_at_5 >= 1.6 * base
 
+    # a hit's distance is the cosine distance between the two images' embeddings
+    query = kb.embed_image((built.folder / records[0]["file"]).read_bytes())
+    hits = kb.search_image((built.folder / records[0]["file"]).read_bytes(), n=5)
+    stored = kb.image_vectors([h.id for h in hits])
+    cosines = [float(stored[h.id] @ query / np.linalg.norm(query)) for h in hits]
+    assert [h.distance for h in hits] == pytest.approx([1 - c for c in cosines], abs=1e-4)
+
 
 def test_text_search_finds_images_with_what_the_words_describe(built):
     kb = built.kb
@@ -154,6 +171,12 @@ def test_text_search_finds_images_with_what_the_words_describe(built):
     everything = [h for h in kb.list(limit=None) if h.metadata["n_objects"]]
     print(f"implicit share: faint query {share(faint):.2f}, dark query {share(dark):.2f}, all {share(everything):.2f}")
     assert share(faint) >= 0.75 and share(dark) <= 0.25
+
+    # a hit's distance is the cosine distance between the query's and the document's text embeddings
+    query = text_embedder(built.spec.knowledge_base.embedder).embed(["faint lilac cells fading into the tissue"])[0]
+    stored = kb.text_vectors([h.id for h in faint])
+    cosines = [float(stored[h.id] @ query / np.linalg.norm(query)) for h in faint]
+    assert [h.distance for h in faint] == pytest.approx([1 - c for c in cosines], abs=1e-4)
 
 
 def test_metadata_filters(built):
@@ -217,6 +240,53 @@ def test_read_only_replica_holds_every_entry_with_the_same_vectors(built, monkey
             {h.id: (h.document, h.metadata) for h in built.kb.list(limit=None)}
 
 
+def test_a_build_killed_half_way_is_completed_by_the_next_one(built, tmp_path, capsys):
+    """`raydar kb build` in a subprocess, 8 entries a batch, is killed (SIGKILL) once it has written two
+    batches. The third batch's first image is a FIFO no one writes to, so the build cannot get further
+    (nor finish first): the kill always finds exactly two batches written. The next build embeds the rest."""
+    spec, records, batch = built.spec, built.records[:40], 8
+    images = tmp_path / "images"
+    images.mkdir()
+    for record in records:
+        shutil.copy(built.folder / record["file"], images / record["file"])
+    storage = StorageRoot(tmp_path / "store")
+    label_with_teacher(spec, built.folder, records, storage, source=f"{images}/")
+    order = [e.id for e in entries_from_labels(spec, LabelStore(storage.child(spec.name, "labels")).read_labels())]
+    blocker = images / next(r["file"] for r in records if r["image_id"] == order[2 * batch])
+    blocker.unlink()
+    os.mkfifo(blocker)
+
+    args = ["--spec", spec.source_file, "--storage", storage.uri, "--set", f"images.uri={images}",
+            "--set", "images.generate=null", "--batch-size", str(batch), "--no-ray"]
+    build = subprocess.Popen([sys.executable, "-m", "jobs.cli", "kb", "build", *args], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        shown, deadline = b"", time.monotonic() + 180
+        while b" 16/40 " not in shown.replace(b"\r", b" "):  # its progress bar, updated per batch written
+            ready = select.select([build.stderr], [], [], max(0.0, deadline - time.monotonic()))[0]
+            chunk = os.read(build.stderr.fileno(), 4096) if ready else b""
+            assert chunk, f"the build ended or stalled before writing two batches: {shown.decode(errors='replace')}"
+            shown += chunk
+    finally:
+        os.kill(build.pid, signal.SIGKILL)
+        build.wait(timeout=30)
+        build.stderr.close()
+    assert build.returncode == -signal.SIGKILL
+    with KnowledgeBase.open(spec, storage) as kb:  # strictly partial: the two batches, whole
+        assert sorted(h.id for h in kb.list(limit=None)) == sorted(order[:2 * batch])
+
+    blocker.unlink()
+    shutil.copy(built.folder / blocker.name, blocker)
+    assert raydar(["kb", "build", *args, "--quiet"]) == 0
+    assert "40 labelled -> 24 new, 0 changed, 16 unchanged, 0 removed" in capsys.readouterr().out
+    with KnowledgeBase.open(spec, storage) as kb:
+        ids = [h.id for h in kb.list(limit=None)]
+        assert kb.count() == len(ids) == len(set(ids)) == 40 and set(ids) == set(order)
+        hit = kb.search_image(blocker.read_bytes(), n=1)[0]
+        assert hit.id == order[2 * batch] and hit.distance < 1e-4
+        assert kb.search_text("faint lilac cells", n=3)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -257,6 +327,24 @@ def test_clear_errors_for_missing_and_empty_bases_mismatched_embedders_and_bad_i
     with KnowledgeBase.open(spec, built.storage, read_only=True) as replica:
         with pytest.raises(KnowledgeBaseError, match="read-only"):
             replica.delete([built.records[0]["image_id"]])
+
+
+def test_a_knowledge_base_in_the_old_two_collection_layout_must_be_rebuilt(built, tmp_path):
+    spec = built.spec
+    storage = StorageRoot(tmp_path / "store")
+    label_with_teacher(spec, built.folder, built.records[:3], storage)
+    with KnowledgeBase.open(spec, storage) as kb:  # as an older raydar left it
+        for side in ("text", "image"):
+            kb.client.create_collection(f"demo_cells.{side}", embedding_function=None).add(
+                ids=["x"], embeddings=[[1.0, 0.0]])
+        with pytest.raises(KnowledgeBaseError, match=r"old layout of two collections \(demo_cells.text, "
+                                                     r"demo_cells.image\).*kb build --spec .* --rebuild"):
+            kb.search_text("cells")
+    with pytest.raises(KnowledgeBaseError, match="old layout.*--rebuild"):
+        index_labels(spec, storage)
+    assert index_labels(spec, storage, rebuild=True).new == 3
+    with KnowledgeBase.open(spec, storage) as kb:
+        assert [c.name for c in kb.client.list_collections()] == ["demo_cells"] and kb.count() == 3
 
 
 # ---------------------------------------------------------------- the command
