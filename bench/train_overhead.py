@@ -115,6 +115,8 @@ def main() -> None:
     timed = times[args.warmup:steps // 2] + times[steps // 2 + args.warmup:]
     plain_step = statistics.median(timed)
     steady = steady_reports
+    print("\n  Ray path per report (step: ms/step, data wait %): " + ", ".join(
+        f"{m['step']}: {1000 * m['step_s']:.0f}, {100 * m['data_wait_share']:.0f}%" for m in reports))
     print()
     print(f"  Ray Train + DeepSpeed ZeRO-{args.stage}, 1 worker   {ray_step * 1000:8.1f} ms/step (median of "
           f"{len(steady)} reports of {report_every} steps)")

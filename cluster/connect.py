@@ -17,6 +17,12 @@ import ray
 # An embedded Ray listens on loopback only: nothing of it is reachable from the network.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
+# Ray keeps as many idle worker processes as the node has CPUs and ends the rest after a second idle.
+# On a small machine that ends the Ray Data workers between two epochs (the training workers hold the
+# CPUs), and each pass then waits 5-7 s for fresh processes to import torch and transformers. An
+# embedded Ray keeps at least this many warm; set RAY_num_workers_soft_limit to choose (also for `ray start`).
+WARM_WORKERS = 8
+
 
 class ClusterError(RuntimeError):
     """Ray cannot be reached or authenticated against; the message says what to do."""
@@ -56,6 +62,8 @@ def connect(
             raise
         return address
     _listen_on_loopback()
+    # Ray's processes read it from the environment when they start.
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(max(WARM_WORKERS, num_cpus or os.cpu_count() or 1)))
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **quiet)
     return ray.get_runtime_context().gcs_address
 

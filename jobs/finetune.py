@@ -22,10 +22,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import queue
+import threading
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,19 +337,21 @@ def train_student(config: dict) -> None:
         for _ in range(step):
             scheduler.step()  # the learning rate goes on from where the checkpoint left it
 
+    shards = {split: ray.train.get_dataset_shard(split) for split in ("train", "val")}
+
     def batches(split: str):
         """Padded batches of this worker's shard (the examples were made on Ray Data) and their labels."""
-        shard = ray.train.get_dataset_shard(split)
-        for rows in shard.iter_batches(batch_size=s.batch_size, batch_format="pyarrow", prefetch_batches=4):
+        for rows in shards[split].iter_batches(batch_size=s.batch_size, batch_format="pyarrow", prefetch_batches=4):
             examples = [torch.load(io.BytesIO(b), weights_only=True) for b in rows["example"].to_pylist()]
             yield collate(examples, processor.tokenizer.pad_token_id), [json.loads(x) for x in rows["label"].to_pylist()]
 
+    upcoming = _ahead(batches("train")) if start_epoch < s.epochs else None
     for epoch in range(start_epoch, s.epochs):
         engine.train()
         window: list[float] = []
-        images = tokens = 0  # in the current reporting window
+        images = tokens = done = 0  # in the current reporting window
         waited, tick = 0.0, time.perf_counter()
-        stream = batches("train")
+        stream, upcoming = upcoming, None
         while True:
             asked = time.perf_counter()
             batch, labels = next(stream, (None, None))
@@ -357,6 +362,7 @@ def train_student(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             step += 1
+            done += 1
             first_step_at = first_step_at or time.time()
             window.append(float(loss))
             first_loss = first_loss if first_loss is not None else float(loss)
@@ -366,19 +372,20 @@ def train_student(config: dict) -> None:
                 os._exit(1)  # a worker dying mid-run; Ray Train restarts the group from the last checkpoint
             if step % config["report_every"] == 0:
                 elapsed = time.perf_counter() - tick
-                every = config["report_every"]
-                metrics = {"step": step, "epoch": epoch, "loss": sum(window[-every:]) / min(len(window), every),
-                           "learning_rate": scheduler.get_last_lr()[0], "step_s": elapsed / every,
+                metrics = {"step": step, "epoch": epoch, "loss": sum(window[-done:]) / done,
+                           "learning_rate": scheduler.get_last_lr()[0], "step_s": elapsed / done,
                            "images_per_s": images * world / elapsed, "tokens_per_s": tokens * world / elapsed,
                            "data_wait_share": waited / elapsed, "peak_memory_mb": _peak_memory_mb(),
                            "first_step_at": first_step_at}
                 _log(board, metrics)
                 history.append(metrics)
                 ray.train.report(metrics)
-                images = tokens = 0
+                images = tokens = done = 0
                 waited, tick = 0.0, time.perf_counter()
             if config["max_steps"] and step >= config["max_steps"]:
                 break
+        if epoch + 1 < s.epochs and not (config["max_steps"] and step >= config["max_steps"]):
+            upcoming = _ahead(batches("train"))  # Ray Data starts the next pass during validation and the checkpoint
         _evaluation_mode(engine)
         val_losses = []
         with torch.no_grad():
@@ -400,6 +407,35 @@ def train_student(config: dict) -> None:
             break
     if board is not None:
         board.close()
+
+
+_END = object()
+
+
+def _ahead(items: Iterator, depth: int = 4) -> Iterator:
+    """`items`, run on a thread `depth` ahead of the caller, starting now: the training loop then only
+    waits when the data truly falls behind (deserialising and padding a batch happen off its thread,
+    and the start of a pass overlaps whatever the loop does first)."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+
+    def run() -> None:
+        try:
+            for item in items:
+                ready.put(item)
+        except BaseException as e:  # handed to the consumer, raised there
+            ready.put(e)
+            return
+        ready.put(_END)
+
+    threading.Thread(target=run, name="batches-ahead", daemon=True).start()
+
+    def consume() -> Iterator:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    return consume()
 
 
 class Student(torch.nn.Module):
