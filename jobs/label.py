@@ -42,7 +42,7 @@ from raydar.spec import DatasetSpec, SpecError, load_spec
 from raydar.tasks import task_kind
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
 from raydar.teacher.ratelimit import RateLimiter
-from raydar.telemetry import LabelMetrics
+from raydar.telemetry import LabelMetrics, failure_reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +309,7 @@ def _count(result: LabelResult, batch: pa.Table) -> LabelResult:
     result.requests += sum(batch["requests"].to_pylist())
     for outcome, error in zip(outcomes, batch["error"].to_pylist()):
         if outcome == "failed":
-            result.failures[error.split(":", 1)[0]] += 1
+            result.failures[failure_reason(error)] += 1  # "cannot reach the teacher", not "... at http"
     return result
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -164,6 +165,15 @@ def test_unknown_model_is_not_retried_and_says_so(tmp_path, image_folder):
         result = label_images(spec, StorageRoot(tmp_path / "store"), limit=3, progress=False)
     assert result.failed == 3 and len(sim.log) == 3
     assert list(result.failures) == ["teacher refused the request (404)"]
+
+
+def test_an_unreachable_teacher_is_one_failure_reason_without_its_address(tmp_path, image_folder):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = demo_spec(image_folder, f"http://127.0.0.1:{port}/v1", **{"teacher.retries": 0})
+    result = label_images(spec, StorageRoot(tmp_path / "store"), limit=3, progress=False)
+    assert result.failed == 3 and result.failures == {"cannot reach the teacher": 3}
 
 
 def test_concurrency_cap_and_one_rate_for_the_whole_job(tmp_path, image_folder):
