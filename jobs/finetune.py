@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import queue
-import threading
+import math
 import os
+import queue
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 import ray.train
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -261,14 +262,10 @@ def _make_examples(batch: pa.Table, spec_json: str, model_path: str, augment: bo
     if key not in _BUILDERS:
         from transformers import AutoProcessor
 
-        from raydar.models.families import FAMILIES
-        from raydar.sft import SFTExamples, student_prompt
-        from raydar.tasks import task_kind
+        from raydar.sft import SFTExamples
 
-        spec = DatasetSpec.model_validate_json(spec_json)
-        family = FAMILIES[spec.student.family]
-        kind = task_kind(spec.task, family.coordinates)
-        builder = SFTExamples(AutoProcessor.from_pretrained(model_path), family, kind, student_prompt(spec, kind))
+        builder = SFTExamples.for_student(DatasetSpec.model_validate_json(spec_json),
+                                          AutoProcessor.from_pretrained(model_path))
         _BUILDERS[key] = (builder, np.random.default_rng())
     builder, rng = _BUILDERS[key]
     examples, labels = [], []
@@ -299,7 +296,7 @@ def train_student(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(s.cpus_per_worker)  # the cores this worker reserved, no more, no fewer
     torch.manual_seed(0)
-    student, builder, processor = build_student(spec, config["model_path"], config["positive_weights"])
+    student, _, processor = build_student(spec, config["model_path"], config["positive_weights"])
 
     ds_config = json.loads((DEEPSPEED_CONFIGS / f"zero{s.deepspeed_stage}.json").read_text())
     ds_config.update(
@@ -458,12 +455,14 @@ class Student(torch.nn.Module):
 def build_student(spec: DatasetSpec, model_path: str, positive_weights: list[float] | None = None):
     """The base model with LoRA (and quantisation), its head, and the example builder."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        BitsAndBytesConfig,
+    )
 
     from raydar.heads import head_for
-    from raydar.models.families import FAMILIES
-    from raydar.sft import SFTExamples, student_prompt
-    from raydar.tasks import task_kind
+    from raydar.sft import SFTExamples
 
     s = spec.student
     processor = AutoProcessor.from_pretrained(model_path)
@@ -486,9 +485,7 @@ def build_student(spec: DatasetSpec, model_path: str, positive_weights: list[flo
                if n.rsplit(".", 1)[-1] in s.lora.target_modules and (s.lora.vision or not _inside(n, vision))]
     model = get_peft_model(model, LoraConfig(r=s.lora.rank, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
                                              target_modules=targets, modules_to_save=s.lora.modules_to_save or None))
-    family = FAMILIES[s.family]
-    kind = task_kind(spec.task, family.coordinates)
-    builder = SFTExamples(processor, family, kind, student_prompt(spec, kind))
+    builder = SFTExamples.for_student(spec, processor)
     head = head_for(spec.task, model.config.get_text_config().hidden_size)
     if head is not None and positive_weights is not None and hasattr(head, "pos_weight"):
         head.pos_weight.copy_(torch.tensor(positive_weights))
@@ -567,7 +564,7 @@ def _log(board, metrics: dict) -> None:
     if board is None:
         return
     for name, value in metrics.items():
-        if name not in ("step", "epoch", "first_step_at") and isinstance(value, (int, float)) and value == value:
+        if name not in ("step", "epoch", "first_step_at") and isinstance(value, (int, float)) and not math.isnan(value):
             board.add_scalar(f"train/{name}", value, metrics["step"])
     board.flush()
 

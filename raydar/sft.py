@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from raydar.models.families import Family
-from raydar.tasks import TaskKind
+from raydar.models.families import FAMILIES, Family
+from raydar.tasks import TaskKind, task_kind
 
 IGNORE = -100  # the label torch's cross-entropy skips
 
@@ -62,6 +62,14 @@ class SFTExamples:
     family: Family
     kind: TaskKind  # built with the family's coordinate convention
     prompt: str
+
+    @classmethod
+    def for_student(cls, spec, processor) -> SFTExamples:
+        """The builder of the spec's student: its family's coordinates and `student_prompt`. Training and
+        inference both take it from here, so the student is asked exactly as it was taught."""
+        family = FAMILIES[spec.student.family]
+        kind = task_kind(spec.task, family.coordinates)
+        return cls(processor, family, kind, student_prompt(spec, kind))
 
     def __post_init__(self) -> None:
         if self.kind.coordinates != self.family.coordinates:
