@@ -176,7 +176,7 @@ def label_images(
     kind = task_kind(spec.task, spec.teacher.coordinates)
     fingerprint = teacher_fingerprint(spec.teacher, kind, spec.images.max_pixels)
     store = LabelStore(root.child("labels"))
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = _new_run_id()
     result = LabelResult(spec.name, run_id, fingerprint)
 
     fs, paths, prefix = list_files(source, spec.images.extensions)
@@ -266,7 +266,7 @@ def label_feedback(spec: DatasetSpec, storage: StorageRoot, *, progress: bool = 
     fingerprint = teacher_fingerprint(spec.teacher, kind, spec.images.max_pixels)
     store = LabelStore(root.child("labels"))
     result = FeedbackResult(spec.name)
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-feedback-" + uuid.uuid4().hex[:6]
+    run_id = _new_run_id("feedback")
     recorded = store.read_log(fingerprint=fingerprint, columns=["image_id", "label", "teacher_model",
                                                                 "teacher_fingerprint"])
     already = {(i, label) for i, label, model in zip(recorded["image_id"].to_pylist(), recorded["label"].to_pylist(),
@@ -297,6 +297,12 @@ def label_feedback(spec: DatasetSpec, storage: StorageRoot, *, progress: bool = 
     else:
         store.write_snapshot(fingerprint)
     return result
+
+
+def _new_run_id(what: str = "") -> str:
+    """A run's id in the label log: when it started (UTC), what it was, and a random suffix."""
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return "-".join(filter(None, [started, what, uuid.uuid4().hex[:6]]))
 
 
 def _count(result: LabelResult, batch: pa.Table) -> LabelResult:
