@@ -10,7 +10,8 @@
 Reads `<storage>/<name>/labels/labels.parquet`, makes one entry per ok row (document, metadata,
 content hash), embeds only new images and new or changed documents, writes them into the
 knowledge base a batch at a time (a build killed half way keeps the batches it wrote; the next one
-embeds only the rest), deletes entries whose image is no longer labelled, and writes the read-only
+embeds only the rest; on a bucket without a Chroma server, the batches in its last snapshot, written
+every SNAPSHOT_EVERY_S), deletes entries whose image is no longer labelled, and writes the read-only
 snapshot that serving replicas load. Embedding runs in this process, or on Ray Data actors for large
 sets with cores to spread over (`--ray` / `--no-ray` to choose; see RAY_MIN_ENTRIES and bench/RESULTS.md).
 """
@@ -54,6 +55,10 @@ from raydar.spec import DatasetSpec
 # actors, a model each); bench/kb.py and bench/RESULTS.md.
 RAY_MIN_ENTRIES = 5000
 BATCH = 64  # entries embedded, then written, per step
+# A build on a local copy of the snapshot (a bucket, no Chroma server) writes the snapshot at least this often,
+# so that a build killed half way keeps what it embedded. Each write is the whole knowledge base, so not per
+# batch (that would make a build quadratic); a minute keeps the overhead to a few percent.
+SNAPSHOT_EVERY_S = 60.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,11 +150,17 @@ def index_labels(spec: DatasetSpec, storage: StorageRoot, *, rebuild: bool = Fal
             # an update per batch written, each shown (mininterval=0): a user, or a test, sees how far it got
             bar = tqdm(total=len(todo), desc=f"index {spec.name}", unit="entry", disable=not progress,
                        file=sys.stderr, mininterval=0)
+            # not in a rebuild: until it ends, serving replicas keep loading the whole old snapshot
+            checkpoint = kb.is_copy and not rebuild
+            snapshotted = time.monotonic()
             for batch, text, image in embed(spec, storage, todo, need_image=[e.id not in kept for e in todo],
                                             batch_size=batch_size):
                 image = np.stack([kept.get(e.id, vector) for e, vector in zip(batch, image)])
                 kb.upsert(batch, text, image)  # before the next batch is embedded
                 bar.update(len(batch))
+                if checkpoint and time.monotonic() - snapshotted >= SNAPSHOT_EVERY_S:
+                    kb.write_snapshot()
+                    snapshotted = time.monotonic()
             bar.close()
         if plan.removed:
             kb.delete(plan.removed)

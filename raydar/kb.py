@@ -17,7 +17,8 @@ Where it lives (`KnowledgeBase.open`):
 - a read-only *snapshot* (`<storage>/<dataset>/kb/snapshot.parquet`, written by every build) that a
   serving replica copies into a local temporary Chroma: any storage root, local or a bucket, and no
   shared database file between processes. A remote storage root without a server works the same way
-  for writing: the build restores the snapshot locally, updates it and writes it back.
+  for writing: the build restores the snapshot locally, updates it and writes it back (also during a
+  long build, so that one killed half way keeps most of what it embedded; see jobs/index.py).
 
 Re-indexing is incremental: a content hash in each entry's metadata says whether its row changed;
 only new images are embedded as images, only new or changed rows as text. An entry is one Chroma
@@ -344,6 +345,7 @@ class KnowledgeBase:
         self.root = root  # <storage>/<dataset>/kb, where the snapshot lives
         self.location = location
         self.read_only = read_only
+        self.is_copy = temp_dir is not None  # a local copy of the snapshot: writes last only once snapshotted
         # a replica's local copy goes when the object does, or at exit, also if close() is never called
         self._cleanup = weakref.finalize(self, shutil.rmtree, temp_dir, True) if temp_dir else None
         self.name = collection_name(spec.name)
