@@ -19,16 +19,21 @@ measured against.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from raydar.images import ImageProblem, image_id, prepare_image, teacher_payload
-from raydar.kb import Hit, KnowledgeBase, KnowledgeBaseError, QueryImageError, SourceImages
+from raydar.kb import (
+    Hit,
+    KnowledgeBase,
+    KnowledgeBaseError,
+    QueryImageError,
+    SourceImages,
+)
 from raydar.spec import DatasetSpec
 from raydar.tasks import task_kind
-from raydar.teacher.client import TeacherClient
+from raydar.teacher.client import TeacherClient, image_message, image_part
 
 log = logging.getLogger(__name__)
 
@@ -137,21 +142,17 @@ class RagDetector:
     def messages(self, examples: list[Example], payload: bytes, media_type: str) -> list[dict]:
         """The few-shot conversation (see the module docstring); with no examples, the labelling prompt."""
         if not examples:
-            return [{"role": "user", "content": [{"type": "text", "text": self.kind.prompt()},
-                                                 _image_part(payload, media_type)]}]
+            return image_message(self.kind.prompt(), payload, media_type)
         messages: list[dict] = [{"role": "system", "content": f"{SYSTEM_INTRO}\n\n{self.kind.prompt()}"}]
         for n, example in enumerate(examples, 1):
             messages.append({"role": "user", "content": [
                 {"type": "text", "text": f"Example {n} of {len(examples)}:"},
-                _image_part(example.payload, example.media_type),
+                image_part(example.payload, example.media_type),
             ]})
             messages.append({"role": "assistant", "content": example.answer})
         messages.append({"role": "user", "content": [
             {"type": "text", "text": "Now this image. Answer with the JSON only."},
-            _image_part(payload, media_type),
+            image_part(payload, media_type),
         ]})
         return messages
 
-
-def _image_part(data: bytes, media_type: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": f"data:image/{media_type};base64,{base64.b64encode(data).decode()}"}}

@@ -64,13 +64,12 @@ def teacher_fingerprint(spec: TeacherSpec, task: TaskKind, max_pixels: int) -> s
 
 def image_message(prompt: str, image: bytes, fmt: str) -> list[dict]:
     """A chat message with the task text and the image as a base64 data URL."""
-    url = f"data:image/{fmt};base64,{base64.b64encode(image).decode()}"
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": url}}],
-        }
-    ]
+    return [{"role": "user", "content": [{"type": "text", "text": prompt}, image_part(image, fmt)]}]
+
+
+def image_part(image: bytes, fmt: str) -> dict:
+    """A message content part holding the image as a base64 data URL."""
+    return {"type": "image_url", "image_url": {"url": f"data:image/{fmt};base64,{base64.b64encode(image).decode()}"}}
 
 
 class TeacherClient:
