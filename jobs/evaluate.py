@@ -31,6 +31,7 @@ import ray
 from cluster import StorageRoot, connect
 from cluster.storage import resolve
 from jobs.label import add_common_arguments, resolve_source, spec_from_args, teacher_endpoint
+from raydar.demo import GROUND_TRUTH_FILE
 from raydar.labels import LabelStore
 from raydar.spec import DatasetSpec, SpecError
 
@@ -232,9 +233,9 @@ def fuse_members(spec: DatasetSpec, per_image: list[dict[str, dict | None]]) -> 
 
 
 def read_ground_truth(source: str) -> dict[str, dict]:
-    """image id -> label, from `ground_truth.jsonl` beside the images; {} when there is none."""
+    """image id -> label, from `ground_truth.jsonl` (GROUND_TRUTH_FILE) beside the images; {} when there is none."""
     fs, path = resolve(source)
-    name = f"{path.rstrip('/')}/ground_truth.jsonl"
+    name = f"{path.rstrip('/')}/{GROUND_TRUTH_FILE}"
     try:
         with fs.open_input_stream(name) as f:
             text = f.read().decode()

@@ -37,7 +37,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from raydar.metrics import match_within_radius
+from raydar.metrics import match_radius, match_within_radius
 from raydar.tasks import AnswerError, task_kind
 
 
@@ -133,7 +133,7 @@ def _weighted_mean(members, key: str, names: list[str]) -> dict[str, float]:
 
 def _cluster_points(task, members) -> list[list[tuple[str, float, dict]]]:
     """Clusters of (member, weight, point), at most one point per member each, within the match radius."""
-    radius = task.match_radius * math.sqrt(2.0)
+    radius = match_radius(task)
     clusters: list[list[tuple[str, float, dict]]] = []
     centres: list[tuple[float, float]] = []
     for name, weight, label in members:

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from raydar.metrics import score
+from raydar.metrics import match_radius, score
 
 MEMBER_COLOURS = {
     # bright against stained tissue (pink, purple), and told apart from each other and the truth's green
@@ -636,7 +636,7 @@ def _draw_label(ax, task, label: dict | None, colour: str, w: int, h: int, marke
         return "(failed)"
     if task.kind == "points":
         order = {c: k for k, c in enumerate(task.ontology)}
-        size = max(5.0, task.match_radius * math.hypot(w, h) * 0.9)
+        size = max(5.0, match_radius(task, (w, h)) * 0.9)
         for p in label.get("points", []):
             faint = p.get("score", 1.0) < 0.5
             ax.plot(p["x"] * w, p["y"] * h, marker=markers[order.get(p["label"], 0) % len(markers)],
