@@ -104,7 +104,7 @@ def submit_stage(
 
     `overrides` are `FIELD=VALUE` texts (as for --set), `extra_args` go to the stage unchanged.
     Raises ValueError (bad stage, spec or secret name) before anything reaches the cluster."""
-    from raydar.spec import load_spec
+    from raydar.spec import load_spec, parse_override
 
     root = Path(root).resolve()
     if stage not in STAGES:
@@ -119,10 +119,11 @@ def submit_stage(
                          "the job receives; copy it under datasets/") from None
     parsed = {}
     for text in overrides:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {text!r}: expected FIELD=VALUE")
-        parsed[key.strip()] = _yaml_value(value)
+        try:
+            key, value = parse_override(text)
+        except ValueError:
+            raise ValueError(f"--set {text!r}: expected FIELD=VALUE") from None
+        parsed[key] = value
     spec = load_spec(spec_file, overrides=parsed)  # SpecError (a ValueError) names the file and the field
 
     names = [n for n in [spec.teacher.api_key_env, *secret_env] if n]
@@ -272,8 +273,3 @@ def _quiet_ray_packaging() -> None:
                  "ray.dashboard.modules.dashboard_sdk"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
-
-def _yaml_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)

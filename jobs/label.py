@@ -38,7 +38,7 @@ from cluster.storage import list_files
 from raydar.demo import GROUND_TRUTH_FILE, make_demo_cells
 from raydar.images import ImageProblem, image_id, prepare_image, teacher_payload
 from raydar.labels import LABEL_SCHEMA, LabelStore
-from raydar.spec import DatasetSpec, SpecError, load_spec
+from raydar.spec import DatasetSpec, SpecError, load_spec, parse_override
 from raydar.tasks import task_kind
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
 from raydar.teacher.ratelimit import RateLimiter
@@ -95,12 +95,10 @@ def spec_from_args(args: argparse.Namespace) -> DatasetSpec:
 
 
 def _override(text: str) -> tuple[str, object]:
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return parse_override(text)
+    except ValueError as e:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ---------------------------------------------------------------- the run

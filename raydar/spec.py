@@ -408,6 +408,14 @@ class DatasetSpec(_Strict):
         return str((base / uri).resolve())
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """`FIELD=VALUE` as given to `--set`: the dotted field and the value read as YAML (8 -> 8, [a, b] -> a list)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected FIELD=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
 def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> DatasetSpec:
     """Read and validate a spec; `overrides` maps dotted field paths to values (`teacher.model`)."""
     path = Path(path)
