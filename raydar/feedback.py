@@ -61,6 +61,11 @@ def is_image_id(value: str) -> bool:
     return bool(_SHA256.match(value or ""))
 
 
+def image_file_name(image_id: str, fmt: str) -> str:
+    """The file an image is kept as under images/: its sha256 and the format's usual extension."""
+    return f"{image_id}.{'jpg' if fmt == 'jpeg' else fmt}"
+
+
 class FeedbackLog:
     """The feedback of one dataset under a storage root (`<root>/<dataset>/feedback/`)."""
 
@@ -79,7 +84,7 @@ class FeedbackLog:
 
     def keep_image(self, data: bytes, image_id: str, fmt: str) -> str:
         """Store an image once under its sha256; returns its file name."""
-        name = f"{image_id}.{'jpg' if fmt == 'jpeg' else fmt}"
+        name = image_file_name(image_id, fmt)
         if not self.root.exists(IMAGES_DIR, name):
             self.root.write_bytes(data, IMAGES_DIR, name)
         return name
@@ -98,10 +103,11 @@ class FeedbackLog:
             return schema.empty_table()
         return pa.concat_tables(tables)
 
-    def image_file(self, image_id: str) -> str | None:
-        """The stored file of an image, or None if it was not kept."""
-        for name in self.root.list(IMAGES_DIR):
-            if name.split(".", 1)[0] == image_id:
+    def image_file(self, image_id: str, formats: list[str]) -> str | None:
+        """The stored file of an image kept in one of `formats`, or None if it was not kept."""
+        for fmt in formats:
+            name = image_file_name(image_id, fmt)
+            if self.root.exists(IMAGES_DIR, name):
                 return name
         return None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from raydar.heads import HEAD_FILE
 from raydar.images import ImageProblem, prepare_image
 from raydar.models import resolve_base_model
 from raydar.models.families import FAMILIES
@@ -35,7 +36,6 @@ ADAPTER_DIR = "adapter"
 PROCESSOR_DIR = "processor"
 SPEC_FILE = "spec.json"
 METRICS_FILE = "metrics.json"
-HEAD_FILE = "head.pt"
 _ITEM = re.compile(r"\{[^{}]*\}")  # one object of an answer's list: {"label": ..., "x": ..., "y": ...}
 
 

@@ -47,13 +47,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 from ray.serve import Application
 
+from cluster.storage import default_root
 from raydar.spec import DatasetSpec, SpecError, load_spec
 
 log = logging.getLogger("ray.serve")
-
-MEMBERS = ("finetuned", "rag")
-IMAGE_FORMATS = ("png", "jpeg", "webp", "gif", "bmp", "tiff")
-
 
 # ---------------------------------------------------------------- arguments
 
@@ -159,7 +156,7 @@ def build_app(args: dict) -> Application:
     if "finetuned" in members and not config.adapters:
         raise SpecError("serving args: the finetuned member needs `adapters` (name -> finetune checkpoint, or `base`)")
     spec_data = {**spec.model_dump(mode="json"), "source_file": spec.source_file}
-    storage = config.storage or os.environ.get("RAYDAR_STORAGE") or "~/.raydar"
+    storage = config.storage or default_root()
     handles = {}
     if "finetuned" in members:
         handles["finetuned"] = FineTunedDetector.options(
@@ -536,7 +533,7 @@ class EnsembleIngress:
 
     async def detect(self, request) -> DetectResponse:
         from raydar.fusion import agreement, fuse
-        from raydar.images import image_id, teacher_payload
+        from raydar.images import teacher_payload
 
         start = time.perf_counter()
         data, adapter = await self.read_image(request)
@@ -555,7 +552,7 @@ class EnsembleIngress:
         together = agreement(self.spec.task, labels) if len(labels) > 1 else None
         hard = together is not None and together < self.feedback_settings.hard_below
         response = DetectResponse(
-            request_id=request_id, image_id=image_id(data), dataset=self.spec.name, task=self.kind.name,
+            request_id=request_id, image_id=prepared.image_id, dataset=self.spec.name, task=self.kind.name,
             fused=fused, members=results, weights=self.weights, agreement=together, hard_example=hard,
             degraded=bool(failed), latency_ms=_ms(start))
         self.stats.record(200, failed=failed, agreement=together, hard=hard, latency_ms=response.latency_ms,
@@ -586,10 +583,12 @@ class EnsembleIngress:
         self._flush_soon()
 
     def _keep(self, data: bytes, image_id: str, fmt: str) -> str:
+        from raydar.feedback import image_file_name
+
         if not self.feedback_settings.keep_images:
             return ""
         self.pending_images.setdefault(image_id, (data, fmt))
-        return f"{image_id}.{'jpg' if fmt == 'jpeg' else fmt}"
+        return image_file_name(image_id, fmt)
 
     def _flush_soon(self) -> None:
         if self.buffer.due() or len(self.pending_images) >= self.feedback_settings.flush_rows:
@@ -662,14 +661,11 @@ class EnsembleIngress:
                                 training_samples=counts["corrections"] + counts["hard_examples"])
 
     async def _stored_image(self, image_id: str) -> str | None:
-        for pending, (_, fmt) in self.pending_images.items():
-            if pending == image_id:
-                return f"{image_id}.{'jpg' if fmt == 'jpeg' else fmt}"
-        for fmt in self.settings["image_formats"]:
-            name = f"{image_id}.{'jpg' if fmt == 'jpeg' else fmt}"
-            if await asyncio.to_thread(self.log.root.exists, "images", name):
-                return name
-        return None
+        from raydar.feedback import image_file_name
+
+        if image_id in self.pending_images:
+            return image_file_name(image_id, self.pending_images[image_id][1])
+        return await asyncio.to_thread(self.log.image_file, image_id, self.settings["image_formats"])
 
     async def counts(self, fresh: bool = False) -> dict:
         """The log's counts (every replica's rows), re-read at most every 5 s."""
