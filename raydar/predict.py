@@ -27,10 +27,9 @@ from PIL import Image
 from raydar.heads import HEAD_FILE
 from raydar.images import ImageProblem, prepare_image
 from raydar.models import resolve_base_model
-from raydar.models.families import FAMILIES
-from raydar.sft import SFTExamples, student_prompt
+from raydar.sft import SFTExamples
 from raydar.spec import DatasetSpec, SpecError
-from raydar.tasks import AnswerError, task_kind
+from raydar.tasks import AnswerError
 
 ADAPTER_DIR = "adapter"
 PROCESSOR_DIR = "processor"
@@ -53,9 +52,8 @@ class StudentDetector:
         self.checkpoint = checkpoint
         self.device = device
         self.max_new_tokens = max_new_tokens
-        self.family = FAMILIES[spec.student.family]
-        self.kind = task_kind(spec.task, self.family.coordinates)
-        self.builder = SFTExamples(processor, self.family, self.kind, student_prompt(spec, self.kind))  # as trained
+        self.builder = SFTExamples.for_student(spec, processor)  # asked as it was trained
+        self.kind = self.builder.kind
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id
         eos = network.generation_config.eos_token_id
