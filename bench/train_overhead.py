@@ -60,6 +60,10 @@ def main() -> None:
         "student.base_model": "raydar-tiny-qwen2-vl", "student.family": "qwen2_vl",
         "student.batch_size": args.batch_size, "student.deepspeed_stage": args.stage, "student.epochs": 100,
         "student.cpus_per_worker": args.cpus, "student.workers": 1, "split.val": 0.05,
+        # The student this benchmark has always timed (bench/RESULTS.md): answers in text, LoRA on the
+        # language model's attention, the teacher's prompt; not the demo's point-head student.
+        "student.point_head": False, "student.augment": False, "student.prompt": None, "student.lora.vision": False,
+        "student.lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
     })
     storage = StorageRoot(tempfile.mkdtemp(prefix="raydar-bench-train-"))
     # Ray starts its workers at nice 15; the loop runs at nice 0. On a machine with anything else running,

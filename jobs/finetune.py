@@ -7,7 +7,8 @@ The driver checks everything a worker would trip over (the base model, the quant
 the ZeRO stage, the labelled rows) before any worker starts. Each worker loads the base model
 (optionally 4-bit NF4 or 8-bit through bitsandbytes), puts LoRA on the language model (the vision
 tower stays frozen unless `student.lora.vision`), adds the task's head for multilabel and
-regression specs, and trains under DeepSpeed ZeRO 0, 2 or 3 (configs in cluster/deepspeed/) on its
+regression specs and the point head for points specs with `student.point_head` (trained on its
+own loss: the examples then carry no answer text), and trains under DeepSpeed ZeRO 0, 2 or 3 (configs in cluster/deepspeed/) on its
 shard of a Ray Data stream: the images are read once into the object store, and each epoch Ray tasks
 decode, augment and run the processor ahead of the loop, which only pads. Loss on the answer tokens
 only (raydar.sft); warm-up then cosine decay. Every few steps it reports loss, learning rate, step
@@ -45,7 +46,7 @@ from ray.train.torch import TorchTrainer
 from cluster import StorageRoot, connect
 from cluster.storage import resolve
 from jobs.label import add_common_arguments, resolve_source, spec_from_args
-from raydar.heads import pool_hidden
+from raydar.heads import PointsHead, image_token_maps, pool_hidden
 from raydar.labels import LabelStore
 from raydar.models import resolve_base_model
 from raydar.spec import DatasetSpec, SpecError
@@ -144,6 +145,7 @@ def finetune(
         "marker_dir": root.join("train", run_name),  # where a test's injected failure leaves its mark
         "positive_weights": positive_weights,
         "total_steps": total_steps(train_rows.num_rows, student, max_steps),
+        "steps_per_epoch": total_steps(train_rows.num_rows, student.model_copy(update={"epochs": 1}), None),
         "log_dir": _tensorboard_dir(root, run_name),
     }
     trainer = TorchTrainer(
@@ -260,14 +262,13 @@ def _make_examples(batch: pa.Table, spec_json: str, model_path: str, augment: bo
 
     key = spec_json + model_path
     if key not in _BUILDERS:
-        from transformers import AutoProcessor
-
+        from raydar.models import load_processor
         from raydar.sft import SFTExamples
 
-        builder = SFTExamples.for_student(DatasetSpec.model_validate_json(spec_json),
-                                          AutoProcessor.from_pretrained(model_path))
-        _BUILDERS[key] = (builder, np.random.default_rng())
-    builder, rng = _BUILDERS[key]
+        spec = DatasetSpec.model_validate_json(spec_json)
+        builder = SFTExamples.for_student(spec, load_processor(model_path, spec.student.max_pixels))
+        _BUILDERS[key] = (builder, np.random.default_rng(), spec.student.point_head)
+    builder, rng, point_head = _BUILDERS[key]
     examples, labels = [], []
     for data, text in zip(batch["image"].to_pylist(), batch["label"].to_pylist()):
         # Upright as the teacher saw it (labels refer to the EXIF-rotated image).
@@ -275,7 +276,8 @@ def _make_examples(batch: pa.Table, spec_json: str, model_path: str, augment: bo
         if augment:
             image, label = augmented(image, label, builder.kind, rng)
         buffer = io.BytesIO()
-        torch.save(builder.example(image, label), buffer)
+        # A point head answers for the student: it learns from the label itself, with no answer text.
+        torch.save(builder.example(image, None if point_head else label), buffer)
         examples.append(buffer.getvalue())
         labels.append(json.dumps(label))
     return pa.table({"example": pa.array(examples, pa.binary()), "label": labels})
@@ -343,12 +345,14 @@ def train_student(config: dict) -> None:
             yield collate(examples, processor.tokenizer.pad_token_id), [json.loads(x) for x in rows["label"].to_pylist()]
 
     upcoming = _ahead(batches("train")) if start_epoch < s.epochs else None
+    reported_at = time.monotonic()
     for epoch in range(start_epoch, s.epochs):
         engine.train()
         window: list[float] = []
         images = tokens = done = 0  # in the current reporting window
         waited, tick = 0.0, time.perf_counter()
         stream, upcoming = upcoming, None
+        epoch_start = step
         while True:
             asked = time.perf_counter()
             batch, labels = next(stream, (None, None))
@@ -361,8 +365,8 @@ def train_student(config: dict) -> None:
             step += 1
             done += 1
             first_step_at = first_step_at or time.time()
-            window.append(float(loss))
-            first_loss = first_loss if first_loss is not None else float(loss)
+            window.append(loss.item())
+            first_loss = first_loss if first_loss is not None else window[-1]
             images += batch["input_ids"].shape[0]
             tokens += int(batch["attention_mask"].sum())
             if config["fail_at_step"] == step and rank == 0 and _first_failure(config["marker_dir"]):
@@ -376,9 +380,13 @@ def train_student(config: dict) -> None:
                            "first_step_at": first_step_at}
                 _log(board, metrics)
                 history.append(metrics)
-                ray.train.report(metrics)
                 images = tokens = done = 0
-                waited, tick = 0.0, time.perf_counter()
+                waited, tick = 0.0, time.perf_counter()  # a report's own time counts in the next window
+                steps_left = config["steps_per_epoch"] - (step - epoch_start)
+                if _agreed(time.monotonic() - reported_at >= REPORT_INTERVAL_S
+                           and steps_left * metrics["step_s"] >= REPORT_INTERVAL_S, rank, world):
+                    ray.train.report(metrics)
+                    reported_at = time.monotonic()
             if config["max_steps"] and step >= config["max_steps"]:
                 break
         if epoch + 1 < s.epochs and not (config["max_steps"] and step >= config["max_steps"]):
@@ -400,10 +408,28 @@ def train_student(config: dict) -> None:
             if rank == 0:
                 save_checkpoint(Path(folder), engine.module, processor, spec, state, metrics, history)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+        reported_at = time.monotonic()
         if config["max_steps"] and step >= config["max_steps"]:
             break
     if board is not None:
         board.close()
+
+
+# Ray Train's controller takes one report from each worker per health check (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+# 2 s) and a worker's queue holds one: a worker reporting more often waits in ray.train.report. The per-step
+# metrics go to the history and TensorBoard every `report_every` steps, and to Ray Train at most this often
+# (and not when the epoch's checkpoint report would follow within it).
+REPORT_INTERVAL_S = 2.0
+
+
+def _agreed(flag: bool, rank: int, world: int) -> bool:
+    """Rank 0's `flag` on every worker: all workers must make the same ray.train.report calls. Sent through
+    Ray Train, not torch.distributed, whose process group DeepSpeed's ZeRO-3 collectives are using."""
+    if world == 1:
+        return flag
+    from ray.train.collective import broadcast_from_rank_zero
+
+    return bool(broadcast_from_rank_zero(flag if rank == 0 else None))
 
 
 _END = object()
@@ -436,8 +462,10 @@ def _ahead(items: Iterator, depth: int = 4) -> Iterator:
 
 
 class Student(torch.nn.Module):
-    """The PEFT model and, for multilabel and regression specs, the head on its pooled hidden state.
-    `forward(batch, labels)` returns the training loss, so DeepSpeed sees one module."""
+    """The PEFT model and its head, if any: for multilabel and regression specs on the pooled hidden
+    state, with `student.point_head` on the image tokens' hidden states. `forward(batch, labels)` returns
+    the training loss (the answer text's, when the batch has answer tokens, plus the head's), so
+    DeepSpeed sees one module."""
 
     def __init__(self, model, head) -> None:
         super().__init__()
@@ -447,7 +475,12 @@ class Student(torch.nn.Module):
         out = self.model(**batch, output_hidden_states=self.head is not None)
         if self.head is None:
             return out.loss
-        pooled = pool_hidden(out.hidden_states[-1], batch["attention_mask"])
+        hidden = out.hidden_states[-1]
+        if isinstance(self.head, PointsHead):  # trained on the head's loss alone (no answer text: see _make_examples)
+            outputs = self.head(image_token_maps(hidden, batch, self.model.config))
+            loss = self.head.loss(outputs, self.head.targets(labels, outputs))
+            return loss if out.loss is None else out.loss + loss
+        pooled = pool_hidden(hidden, batch["attention_mask"])
         targets = self.head.targets(labels).to(pooled.device)
         return out.loss + self.head.loss(self.head(pooled), targets)
 
@@ -455,17 +488,14 @@ class Student(torch.nn.Module):
 def build_student(spec: DatasetSpec, model_path: str, positive_weights: list[float] | None = None):
     """The base model with LoRA (and quantisation), its head, and the example builder."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        BitsAndBytesConfig,
-    )
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     from raydar.heads import head_for
+    from raydar.models import load_processor
     from raydar.sft import SFTExamples
 
     s = spec.student
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = load_processor(model_path, s.max_pixels)
     quantisation = None
     if s.quantisation == "4bit":
         quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -481,12 +511,13 @@ def build_student(spec: DatasetSpec, model_path: str, positive_weights: list[flo
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still need a grad path
     vision = {n for n, _ in model.named_modules() if "visual" in n or "vision" in n}
-    targets = [n for n, m in model.named_modules()
-               if n.rsplit(".", 1)[-1] in s.lora.target_modules and (s.lora.vision or not _inside(n, vision))]
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and (
+        n.rsplit(".", 1)[-1] in s.lora.vision_target_modules if _inside(n, vision) and s.lora.vision
+        else n.rsplit(".", 1)[-1] in s.lora.target_modules and not _inside(n, vision))]
     model = get_peft_model(model, LoraConfig(r=s.lora.rank, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
                                              target_modules=targets, modules_to_save=s.lora.modules_to_save or None))
     builder = SFTExamples.for_student(spec, processor)
-    head = head_for(spec.task, model.config.get_text_config().hidden_size)
+    head = head_for(spec.task, model.config.get_text_config().hidden_size, point_head=s.point_head)
     if head is not None and positive_weights is not None and hasattr(head, "pos_weight"):
         head.pos_weight.copy_(torch.tensor(positive_weights))
     return Student(model, head), builder, processor
@@ -526,7 +557,7 @@ def save_checkpoint(folder: Path, student, processor, spec: DatasetSpec, state: 
     student.model.save_pretrained(folder / "adapter", state_dict=lora)
     if student.head is not None:
         # A fresh head on the CPU: under ZeRO-3 the live one holds only this rank's slice of each weight.
-        head = head_for(spec.task, student.head.net[0].in_features)
+        head = head_for(spec.task, student.head.hidden_size, point_head=spec.student.point_head)
         buffers = dict(student.head.named_buffers())
         head.load_state_dict({**buffers, **{n[len("head."):]: t for n, t in state.items() if n.startswith("head.")}})
         save_head(head, folder)

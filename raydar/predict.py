@@ -9,7 +9,8 @@ same processor (saved in the checkpoint), greedy decoding, and the answer read b
 kind in the family's coordinate convention. VLMs give no confidence, so each object's score is the
 geometric mean of its answer tokens' probabilities. Multilabel and regression specs answer with
 the head trained beside the adapter, on the hidden states of the prompt and the generated answer
-pooled as in training.
+pooled as in training. A point head (`student.point_head`) answers from one forward pass over the
+prompt, without generating: each point scored by the head's objectness.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from raydar.heads import HEAD_FILE
+from raydar.heads import HEAD_FILE, PointsHead
 from raydar.images import ImageProblem, prepare_image
-from raydar.models import resolve_base_model
+from raydar.models import load_processor, resolve_base_model
 from raydar.sft import SFTExamples
 from raydar.spec import DatasetSpec, SpecError
 from raydar.tasks import AnswerError
@@ -88,11 +89,9 @@ class StudentDetector:
     @classmethod
     def from_base(cls, spec: DatasetSpec, *, device: str | None = None, max_new_tokens: int = 256) -> StudentDetector:
         """The untuned base model of `spec.student`, asked with the same prompt (the "before" of an evaluation)."""
-        from transformers import AutoProcessor
-
         device = device or _default_device()
         path = resolve_base_model(spec.student.base_model, spec.student.family)
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path, spec.student.max_pixels)
         network = _load_base(spec, device, path)
         return cls(spec, network.to(device), processor, model=spec.student.base_model, adapter_version=None,
                    device=device, max_new_tokens=max_new_tokens)
@@ -111,9 +110,22 @@ class StudentDetector:
                 continue
             ready.append((i, prepared.image, prepared.width, prepared.height))
         if ready:
-            for (i, *_), result in zip(ready, self._generate([image for _, image, _, _ in ready])):
+            answer = self._point_head if isinstance(self.head, PointsHead) else self._generate
+            for (i, *_), result in zip(ready, answer([image for _, image, _, _ in ready])):
                 results[i] = result
         return results
+
+    @torch.inference_mode()
+    def _point_head(self, images: list[Image.Image]) -> list[dict]:
+        """Points from the point head on the image tokens' last hidden states: no text is generated."""
+        from raydar.heads import image_token_maps
+
+        inputs = self.processor(text=[self.builder.prompt_text] * len(images), images=images, return_tensors="pt",
+                                padding=True, padding_side="left").to(self.device)
+        hidden = self.network(**inputs, output_hidden_states=True).hidden_states[-1]
+        labels = self.head.predict(self.head(image_token_maps(hidden, inputs, self.network.config)))
+        return [{"label": label, "raw": "", "error": None,
+                 "score": max((p["score"] for p in label["points"]), default=0.0)} for label in labels]
 
     @torch.inference_mode()
     def _generate(self, images: list[Image.Image]) -> list[dict]:

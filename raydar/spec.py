@@ -290,6 +290,11 @@ class LoraSettings(_Strict):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default=["q_proj", "k_proj", "v_proj", "o_proj"])
     vision: bool = Field(default=False, description="Also put LoRA on the vision tower (frozen otherwise).")
+    vision_target_modules: list[str] = Field(
+        default=["qkv", "proj", "fc1", "fc2", "q_proj", "k_proj", "v_proj", "out_proj"],
+        description="The vision tower's linear layers that get LoRA with `vision`: Qwen VL's blocks name them "
+        "qkv / proj / fc1 / fc2, CLIP's (LLaVA) q_proj / k_proj / v_proj / out_proj / fc1 / fc2.",
+    )
     modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained in full beside LoRA and saved with the adapter, e.g. "
         "multi_modal_projector; more capacity, larger adapter."
@@ -317,6 +322,11 @@ class StudentSpec(_Strict):
         "more from few images, for tasks whose answer does not depend on orientation."
     )
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations: less memory, slower.")
+    point_head: bool = Field(
+        default=False, description="Points tasks: also train a dense point head on the image tokens' hidden "
+        "states and answer with it (every point and its score from one forward pass, no text generated). "
+        "Learns from a few hundred images, where a small student cannot learn to write coordinates.",
+    )
     workers: int = Field(default=1, gt=0)
     cpus_per_worker: int = Field(
         default=1, gt=0, description="CPU cores each training worker reserves and runs torch on; on a CPU-only "
@@ -398,6 +408,9 @@ class DatasetSpec(_Strict):
             unknown = sorted(set(getattr(sim, field_name)) - known)
             if unknown:
                 raise ValueError(f"teacher.simulated.{field_name}: {unknown} not in the task's ontology {sorted(known)}")
+        if self.student.point_head and self.task.kind != "points":
+            raise ValueError(f"student.point_head: a point head answers points tasks, not {self.task.kind}; "
+                             "leave it false")
         return self
 
     def resolve_uri(self, uri: str) -> str:

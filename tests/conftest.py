@@ -145,6 +145,7 @@ def teach_one_answer(images: list, folder: Path, steps: int = 60) -> Path:
     spec = load_spec(DEMO_SPEC, overrides={
         "student.lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "student.lora.dropout": 0.0,
+        "student.point_head": False,  # answers in text: the path this student tests
     })
     torch.manual_seed(0)
     student, builder, processor = build_student(spec, str(resolve_base_model(spec.student.base_model, "qwen2_vl")))

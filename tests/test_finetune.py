@@ -3,17 +3,20 @@ labelled Parquet written by the real label job. Each run asserts the loss fell a
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from cluster import StorageRoot, connect
 from jobs.finetune import finetune
 from jobs.label import label_images
+from raydar.heads import PointsHead, load_head
 from raydar.spec import SpecError
 from tests.conftest import DEMO_SPEC, TEST_STUDENT
 from raydar.spec import load_spec
@@ -33,7 +36,8 @@ def labelled(tmp_path_factory):
 
 def student_spec(**student):
     values = {"images.generate.n": 40, "images.generate.size": 96, "teacher.simulated.latency_s": 0.0, **TEST_STUDENT,
-              "student.epochs": 2, "student.batch_size": 4, "student.learning_rate": 5e-3, "student.warmup_steps": 2}
+              "student.epochs": 2, "student.batch_size": 4, "student.learning_rate": 5e-3, "student.warmup_steps": 2,
+              "student.lora.vision": False, "student.point_head": False}
     values.update({f"student.{k}": v for k, v in student.items()})
     return load_spec(DEMO_SPEC, overrides=values)
 
@@ -64,6 +68,27 @@ def test_lora_loss_falls_and_adapter_changes(labelled, workers, stage):
     folder = Path(result.checkpoint)
     for name in ("adapter/adapter_config.json", "processor/processor_config.json", "spec.json", "metrics.json"):
         assert (folder / name).is_file(), name
+
+
+def test_a_point_head_trains_beside_the_adapter_and_is_saved_whole_under_zero3(labelled):
+    """The demo's student: a point head on the image tokens, LoRA on the language model and the vision tower,
+    two workers under ZeRO-3, which partitions the head too; the checkpoint holds it whole, trained."""
+    from raydar.predict import StudentDetector
+
+    spec = student_spec(workers=2, deepspeed_stage=3, point_head=True, epochs=4, **{"lora.vision": True})
+    result = finetune(spec, labelled, run_name="point-head", report_every=2)
+    epochs = [h for h in result.history if "val_loss" in h]  # "loss": the epoch's mean training loss
+    assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.05, epochs  # the head's loss alone: no answer text
+    weights = adapter_weights(result.checkpoint)
+    assert any("visual" in n and t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)
+    head = load_head(result.checkpoint)
+    assert isinstance(head, PointsHead) and head.classes == list(spec.task.ontology)
+    assert head.net[0].weight.shape == (128, head.hidden_size, 3, 3)  # whole, not this rank's slice
+    detector = StudentDetector.from_checkpoint(result.checkpoint)
+    image = io.BytesIO()
+    Image.new("RGB", (96, 96), (200, 170, 210)).save(image, "PNG")
+    [answer] = detector.detect([image.getvalue()])
+    assert isinstance(detector.head, PointsHead) and answer["error"] is None and answer["raw"] == ""
 
 
 def test_qlora_4bit_trains(labelled):
@@ -125,3 +150,19 @@ def test_gradient_checkpointing_recomputes_and_still_trains_the_adapter(demo_fol
     student(batch, [STUDENT_LABEL]).backward()
     grads = [p.grad for n, p in student.named_parameters() if "lora_B" in n]  # A gets none while B is 0
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_lora_on_the_vision_tower_only_when_asked(family):
+    """`student.lora.vision` puts LoRA on the vision tower's own layer names (Qwen's qkv / proj / fc1 / fc2,
+    CLIP's q_proj ... out_proj), which the language model's target modules do not name."""
+    from jobs.finetune import build_student
+    from raydar.models import resolve_base_model
+
+    for vision in (False, True):
+        spec = student_spec(base_model=f"raydar-tiny-{family.replace('_', '-')}", family=family, point_head=False,
+                            **{"lora.vision": vision})
+        student, _, _ = build_student(spec, str(resolve_base_model(spec.student.base_model, family)))
+        lora = [n for n, p in student.named_parameters() if p.requires_grad and "lora_A" in n]
+        in_vision = [n for n in lora if ".visual." in n or ".vision_tower." in n]
+        assert len(lora) > len(in_vision) > 0 if vision else lora and not in_vision, (vision, lora)

@@ -1,5 +1,5 @@
 """StudentDetector on real finetune checkpoints of tiny real models: the adapter is applied, answers are read in
-the family's coordinates with per-object scores, bad images fail alone, heads answer for multilabel specs."""
+the family's coordinates with per-object scores, bad images fail alone, heads answer for multilabel specs and point heads without generating."""
 
 from __future__ import annotations
 
@@ -116,3 +116,31 @@ def test_a_multilabel_checkpoint_answers_with_its_head(tmp_path, images):
     first, second = (r["label"]["probabilities"] for r in results)
     assert first != second  # the head sees the image
 
+
+
+def test_a_point_head_checkpoint_answers_from_one_forward_pass(tmp_path, images):
+    from jobs.finetune import build_student, save_checkpoint
+    from raydar.heads import PointsHead
+    from raydar.models import resolve_base_model
+    from raydar.spec import load_spec
+
+    spec = load_spec(REPO / "datasets" / "demo_cells.yaml", overrides={"student.point_head": True})
+    torch.manual_seed(0)
+    student, _, processor = build_student(spec, str(resolve_base_model(spec.student.base_model, "qwen2_vl")))
+    state = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    save_checkpoint(tmp_path, student, processor, spec, state, {"val_loss": 1.0})
+    detector = StudentDetector.from_checkpoint(str(tmp_path))
+    assert isinstance(detector.head, PointsHead)
+    calls = []
+    detector.network.generate = lambda *a, **k: calls.append(1)  # the head needs no generated text
+    results = detector.detect(images[:2] + [b"not an image"])
+    assert not calls and results[2]["label"] is None and "image 2" in results[2]["error"]
+    kind = task_kind(spec.task)
+    for result in results[:2]:
+        assert result["error"] is None and result["raw"] == ""
+        assert kind.validate(result["label"]) == result["label"]
+        points = result["label"]["points"]
+        assert all(0.0 <= p["score"] <= 1.0 and p["score"] >= detector.head.threshold for p in points)
+        assert result["score"] == max((p["score"] for p in points), default=0.0)
+    # The same image answers the same alone and in a batch: the head reads each image's own tokens.
+    assert detector.detect(images[1:2])[0]["label"] == results[1]["label"]

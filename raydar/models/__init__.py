@@ -34,3 +34,19 @@ def resolve_base_model(name: str, family: str) -> Path:
             f"student.base_model: {name!r} is neither a folder nor in the local Hugging Face cache; download it "
             "first (huggingface-cli download) or give its folder"
         ) from None
+
+
+def load_processor(path: str | Path, max_pixels: int):
+    """The model's processor with its pixel budget set to `max_pixels` (the spec's `student.max_pixels`):
+    Qwen VL processors resize every image to at most that many pixels, in multiples of 28, so that
+    training, evaluation and serving see images alike. Fixed-size encoders (LLaVA's CLIP) ignore it."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    image_processor = processor.image_processor
+    size = getattr(image_processor, "size", None)
+    if getattr(size, "longest_edge", None) is not None:  # Qwen: a budget of pixels, not a side
+        size.longest_edge = max_pixels
+        if getattr(image_processor, "max_pixels", None) is not None:
+            image_processor.max_pixels = max_pixels
+    return processor
