@@ -482,7 +482,7 @@ def _plot_before_after(ba: dict, rows: list[dict], names: list[str]):
         ax.bar(x + (k - 0.5) * 0.38, [r[which] for r in rows], 0.38, label=name, color=member_colour(name, names))
     ax.set_xticks(x, [r["metric"] for r in rows], rotation=20, ha="right")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1), frameon=False)  # beside the bars, never over one
     return fig
 
 

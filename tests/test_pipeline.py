@@ -73,7 +73,7 @@ def test_the_pipeline_runs_end_to_end_and_skips_what_is_unchanged(ray_local, ima
     assert again.ran == [] and again.skipped == list(stages)
     assert again.outputs["evaluate"]["headline"] == evaluation["headline"]
 
-    changed = load_spec(DEMO_SPEC, overrides=_overrides(image_folder, **{"student.learning_rate": 1e-3}))
+    changed = load_spec(DEMO_SPEC, overrides=_overrides(image_folder, **{"student.learning_rate": 2e-3}))
     third = run_pipeline(changed, storage, stages=stages, progress=False)
     assert third.skipped == ["label", "index"] and third.ran == ["finetune", "evaluate"]
     assert third.outputs["finetune"]["checkpoint"] != first.outputs["finetune"]["checkpoint"]

@@ -117,9 +117,11 @@ def test_the_endpoint_serves_the_checkpoint_from_the_bucket_and_logs_feedback_th
                               headers={"Authorization": "Bearer s3-serving-token"}, timeout=120)
         assert response.status_code == 200, response.text
         answer = response.json()
-        # The student ran with the adapter copied from the bucket (a tiny student's answer need not parse)...
+        # The student ran with the adapter and the point head copied from the bucket (the demo's student
+        # answers with its head: a label, no text)...
         member = answer["members"]["finetuned"]
-        assert member["adapter_version"].startswith("sha256:") and member["raw"], member
+        assert member["adapter_version"].startswith("sha256:") and member["status"] == "ok", member
+        assert member["label"] is not None and member["raw"] == "", member
         # ...and the RAG member answered from the knowledge base in the bucket.
         assert answer["members"]["rag"]["status"] == "ok" and answer["members"]["rag"]["examples"], answer
         assert "points" in answer["fused"]

@@ -59,7 +59,8 @@ def served(tmp_path_factory, demo_folder, student_checkpoint):
     teacher = start_teacher(demo_folder, latency_s=0.01)  # the RAG member's VLM (a simulator)
     storage = StorageRoot(tmp_path_factory.mktemp("serving") / "store")
     overrides = {"images.uri": str(demo_folder), "images.generate": None, "teacher.base_url": teacher.base_url,
-                 "teacher.timeout_s": 5, "teacher.backoff_s": 0.05}
+                 "teacher.timeout_s": 5, "teacher.backoff_s": 0.05,
+                 "serving.weights": {"finetuned": 1.0, "rag": 1.0}}  # the fusion arithmetic below assumes equal weights
     spec = load_spec(DEMO_SPEC, overrides=overrides)
     connect(num_cpus=8)  # logical CPUs: room for a redeploy's surge replicas beside the running ones
     assert label_images(spec, storage, limit=LABELLED, progress=False).ok_new == LABELLED
