@@ -145,7 +145,7 @@ def finetune(
         "marker_dir": root.join("train", run_name),  # where a test's injected failure leaves its mark
         "positive_weights": positive_weights,
         "total_steps": total_steps(train_rows.num_rows, student, max_steps),
-        "steps_per_epoch": total_steps(train_rows.num_rows, student.model_copy(update={"epochs": 1}), None),
+        "steps_per_epoch": steps_per_epoch(train_rows.num_rows, student),
         "log_dir": _tensorboard_dir(root, run_name),
     }
     trainer = TorchTrainer(
@@ -195,9 +195,14 @@ def _saved_history(checkpoint) -> list[dict]:
         return []
 
 
+def steps_per_epoch(rows: int, student) -> int:
+    """Optimiser steps of one epoch on each worker."""
+    return -(-rows // (student.batch_size * student.workers))
+
+
 def total_steps(rows: int, student, max_steps: int | None) -> int:
     """Optimiser steps of the whole run (the learning-rate schedule's length)."""
-    per_epoch = -(-rows // (student.batch_size * student.workers))
+    per_epoch = steps_per_epoch(rows, student)
     return min(per_epoch * student.epochs, max_steps or per_epoch * student.epochs)
 
 

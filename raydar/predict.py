@@ -115,13 +115,17 @@ class StudentDetector:
                 results[i] = result
         return results
 
+    def _prompt_inputs(self, images: list[Image.Image]) -> dict:
+        """The training prompt for each image, left-padded into one batch on the device."""
+        return self.processor(text=[self.builder.prompt_text] * len(images), images=images, return_tensors="pt",
+                              padding=True, padding_side="left").to(self.device)
+
     @torch.inference_mode()
     def _point_head(self, images: list[Image.Image]) -> list[dict]:
         """Points from the point head on the image tokens' last hidden states: no text is generated."""
         from raydar.heads import image_token_maps
 
-        inputs = self.processor(text=[self.builder.prompt_text] * len(images), images=images, return_tensors="pt",
-                                padding=True, padding_side="left").to(self.device)
+        inputs = self._prompt_inputs(images)
         hidden = self.network(**inputs, output_hidden_states=True).hidden_states[-1]
         labels = self.head.predict(self.head(image_token_maps(hidden, inputs, self.network.config)))
         return [{"label": label, "raw": "", "error": None,
@@ -129,8 +133,7 @@ class StudentDetector:
 
     @torch.inference_mode()
     def _generate(self, images: list[Image.Image]) -> list[dict]:
-        inputs = self.processor(text=[self.builder.prompt_text] * len(images), images=images, return_tensors="pt",
-                                padding=True, padding_side="left").to(self.device)
+        inputs = self._prompt_inputs(images)
         out = self.network.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                     output_logits=True, return_dict_in_generate=True)
         prompt_len = inputs["input_ids"].shape[1]
