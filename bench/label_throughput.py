@@ -53,13 +53,15 @@ def main() -> None:
     })
     cores = os.cpu_count() or 1
     print(f"{args.images} demo images (224x224 PNG), simulated teacher {args.latency * 1000:.0f} ms, "
-          f"cap {args.cap}, {cores} cores")
+          f"cap {args.cap}, {cores} cores", flush=True)
 
     capacity = args.cap / args.latency
     connect()
     with teacher_endpoint(spec, str(folder)) as base_url:  # one simulator process for every side
         seq_rate = asyncio.run(sequential(spec, folder, base_url, args.sequential_images))
+        print(f"  sequential loop: {seq_rate:.1f} images/s", flush=True)
         cpu_per_image = asyncio.run(client_cpu_per_image(spec, folder, base_url))
+        print(f"  client CPU: {cpu_per_image * 1000:.1f} ms/image; raydar...", flush=True)
         spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"base_url": base_url})})
         with tempfile.TemporaryDirectory() as tmp:
             label_images(spec, StorageRoot(Path(tmp) / "warm"), limit=64, progress=False)  # worker processes

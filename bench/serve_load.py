@@ -52,11 +52,18 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="Longest student answer.")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--rag-latency", type=float, default=0.05, help="Seconds the simulated VLM takes.")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPU share of each student replica (three "
+                        "applications each have one: at most 0.33 on one GPU).")
+    parser.add_argument("--text-embedder", default=None, help="A local sentence-transformers folder for the "
+                        "knowledge base's document vectors, instead of all-MiniLM-L6-v2 (the RAG member searches "
+                        "by image; text vectors are only written when indexing).")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/raydar/bench"))
     args = parser.parse_args()
 
     folder = make_demo_cells(Path(args.cache) / f"serve-cells-{args.images}", n=args.images, size=224, seed=0)
     overrides = {"images.uri": str(folder), "images.generate": None, "teacher.simulated.latency_s": args.rag_latency}
+    if args.text_embedder:
+        overrides["knowledge_base.embedder"] = args.text_embedder
     connect(num_cpus=8)  # logical CPUs for placing the replicas; the machine's cores are what they are
     # The simulated VLM in a process of its own, as a real one would be: not sharing the load generator's GIL.
     with teacher_endpoint(load_spec(SPEC, overrides=overrides), str(folder)) as teacher_url:
@@ -88,7 +95,8 @@ def run(args, folder: Path, overrides: dict) -> None:
         "token_env": "RAYDAR_BENCH_UNSET", "token_file": str(token_file), "max_new_tokens": args.max_new_tokens,
         "max_batch_size": args.max_batch_size, "request_timeout_s": 120, "member_timeout_s": 120,
         "ingress": {"max_ongoing_requests": 64, "max_queued_requests": 256, "num_cpus": 0.1},
-        "finetuned": {"max_ongoing_requests": 2 * args.max_batch_size, "max_queued_requests": 256, "num_cpus": 1},
+        "finetuned": {"max_ongoing_requests": 2 * args.max_batch_size, "max_queued_requests": 256, "num_cpus": 1,
+                      "num_gpus": args.num_gpus},
         "rag": {"max_ongoing_requests": 64, "max_queued_requests": 256, "num_cpus": 0.1},
     }
     apps = {

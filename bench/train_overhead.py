@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--stage", type=int, default=2, choices=[0, 2, 3])
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--gpu", action="store_true", help="Both paths on the GPU: the Ray worker with one GPU "
+                        "(NCCL, DeepSpeed bf16), the loop under bf16 autocast.")
     args = parser.parse_args()
 
     report_every = 5
@@ -59,7 +61,7 @@ def main() -> None:
         "images.generate.n": args.images, "teacher.simulated.latency_s": 0.0,
         "student.base_model": "raydar-tiny-qwen2-vl", "student.family": "qwen2_vl",
         "student.batch_size": args.batch_size, "student.deepspeed_stage": args.stage, "student.epochs": 100,
-        "student.cpus_per_worker": args.cpus, "student.workers": 1, "split.val": 0.05,
+        "student.cpus_per_worker": args.cpus, "student.workers": 1, "split.val": 0.05, "student.use_gpu": args.gpu,
         # The student this benchmark has always timed (bench/RESULTS.md): answers in text, LoRA on the
         # language model's attention, the teacher's prompt; not the demo's point-head student.
         "student.point_head": False, "student.augment": False, "student.prompt": None, "student.lora.vision": False,
@@ -80,6 +82,8 @@ def main() -> None:
     torch.manual_seed(0)
     student, builder, processor = build_student(spec, str(resolve_base_model(spec.student.base_model,
                                                                              spec.student.family)))
+    device = "cuda" if args.gpu else "cpu"
+    student.to(device)
     rows = LabelStore(storage.child(spec.name, "labels")).read_labels()
     rows = rows.filter(pc.equal(rows["split"], "train"))
     pairs = []
@@ -95,11 +99,13 @@ def main() -> None:
             chunk = [pairs[(i * args.batch_size + j) % len(pairs)] for j in range(args.batch_size)]
             tick = time.perf_counter()
             examples = [builder.example(Image.open(io.BytesIO(data)).convert("RGB"), label) for data, label in chunk]
-            batch = collate(examples, processor.tokenizer.pad_token_id)
-            loss = student(batch, [label for _, label in chunk])
+            batch = {k: v.to(device) for k, v in collate(examples, processor.tokenizer.pad_token_id).items()}
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=args.gpu):
+                loss = student(batch, [label for _, label in chunk])
             loss.backward()
             optimiser.step()
             optimiser.zero_grad()
+            loss.item()  # the step is done when its loss is on the host, as in the Ray loop
             times.append(time.perf_counter() - tick)
 
     plain_steps(0, steps // 2)
@@ -122,7 +128,8 @@ def main() -> None:
     print("\n  Ray path per report (step: ms/step, data wait %): " + ", ".join(
         f"{m['step']}: {1000 * m['step_s']:.0f}, {100 * m['data_wait_share']:.0f}%" for m in reports))
     print()
-    print(f"  Ray Train + DeepSpeed ZeRO-{args.stage}, 1 worker   {ray_step * 1000:8.1f} ms/step (median of "
+    where = "GPU" if args.gpu else f"{args.cpus} cores"
+    print(f"  Ray Train + DeepSpeed ZeRO-{args.stage}, 1 worker ({where})  {ray_step * 1000:8.1f} ms/step (median of "
           f"{len(steady)} reports of {report_every} steps)")
     print(f"  plain PyTorch + PEFT loop, same batches   {plain_step * 1000:8.1f} ms/step (median of "
           f"{len(timed)} steps, half before and half after)")

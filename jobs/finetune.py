@@ -237,11 +237,16 @@ def example_rows(rows: pa.Table, source: str, spec: DatasetSpec, model_path: str
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
     ).materialize()
     spec_json = spec.model_dump_json()
-    return images.map_batches(
+    examples = images.map_batches(
         _make_examples, fn_kwargs={"spec_json": spec_json, "model_path": model_path, "augment": augment},
         batch_format="pyarrow", batch_size=spec.student.batch_size, num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=1),
     )
+    # Blocks of a batch or two, out of the task as they are made (a Qwen example holds ~24 bytes per pixel;
+    # the target is half a batch of full-size images): with the default 128 MiB a map task emits its whole
+    # input's examples at once, and each pass's first batch waits for most of the pass.
+    examples.context.target_max_block_size = max(2**20, spec.student.batch_size * spec.student.max_pixels * 12)
+    return examples
 
 
 class _ReadImages:
@@ -314,8 +319,9 @@ def train_student(config: dict) -> None:
     )
     if s.cpu_offload and s.deepspeed_stage in (2, 3):
         ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    if not s.use_gpu:
-        ds_config["optimizer"]["params"]["torch_adam"] = True  # the fused CPU Adam would compile C++ first
+    # torch's AdamW, not DeepSpeed's fused ones: those compile C++/CUDA at first use (minutes, and a compiler
+    # on every worker), and LoRA's few parameters gain nothing from fusing.
+    ds_config["optimizer"]["params"]["torch_adam"] = True
     total_steps = config["total_steps"]
     ds_config["scheduler"] = {"type": "WarmupCosineLR", "params": {
         "total_num_steps": max(total_steps, s.warmup_steps + 1), "warmup_num_steps": s.warmup_steps,
@@ -347,7 +353,8 @@ def train_student(config: dict) -> None:
         """Padded batches of this worker's shard (the examples were made on Ray Data) and their labels."""
         for rows in shards[split].iter_batches(batch_size=s.batch_size, batch_format="pyarrow", prefetch_batches=4):
             examples = [torch.load(io.BytesIO(b), weights_only=True) for b in rows["example"].to_pylist()]
-            yield collate(examples, processor.tokenizer.pad_token_id), [json.loads(x) for x in rows["label"].to_pylist()]
+            batch = collate(examples, processor.tokenizer.pad_token_id)
+            yield {k: v.to(engine.device) for k, v in batch.items()}, [json.loads(x) for x in rows["label"].to_pylist()]
 
     upcoming = _ahead(batches("train")) if start_epoch < s.epochs else None
     reported_at = time.monotonic()

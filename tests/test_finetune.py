@@ -166,3 +166,22 @@ def test_lora_on_the_vision_tower_only_when_asked(family):
         lora = [n for n, p in student.named_parameters() if p.requires_grad and "lora_A" in n]
         in_vision = [n for n in lora if ".visual." in n or ".vision_tower." in n]
         assert len(lora) > len(in_vision) > 0 if vision else lora and not in_vision, (vision, lora)
+
+
+def test_each_pass_of_examples_streams_out_in_blocks_of_about_a_batch(labelled):
+    """A pass's first batch must not wait for the whole pass: its one Ray task emits the examples in blocks of a
+    batch or two, not one block when its input is done (which made every epoch start wait)."""
+    from jobs.finetune import example_rows
+    from jobs.label import resolve_source
+    from raydar.labels import LabelStore
+    from raydar.models import resolve_base_model
+
+    spec = student_spec(max_pixels=112 * 112)  # the size the block target assumes, near the 96-px images' 84x84
+    root = labelled.child(spec.name)
+    rows = LabelStore(root.child("labels")).read_labels()
+    model = str(resolve_base_model(spec.student.base_model, spec.student.family))
+    examples = example_rows(rows, resolve_source(spec, root), spec, model, augment=True)
+    sizes = [m.num_rows for bundle in examples.iter_internal_ref_bundles() for m in bundle.metadata]
+    assert sum(sizes) == rows.num_rows == 40
+    assert len(sizes) >= 4 and max(sizes) <= 2 * spec.student.batch_size, sizes  # before: one block of 40
+    assert ray.data.DataContext.get_current().target_max_block_size != examples.context.target_max_block_size
