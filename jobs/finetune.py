@@ -243,16 +243,20 @@ def example_rows(rows: pa.Table, source: str, spec: DatasetSpec, model_path: str
         batch_format="pyarrow", batch_size=spec.student.batch_size, num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=1),
     )
-    # Blocks of a batch or two, out of the task as they are made (a Qwen example holds ~24 bytes per pixel;
-    # the target is half a batch of full-size images): with the default 128 MiB a map task emits its whole
-    # input's examples at once, and each pass's first batch waits for most of the pass.
-    examples.context.target_max_block_size = max(2**20, spec.student.batch_size * spec.student.max_pixels * 12)
-    if not augment and rows.num_rows * spec.student.max_pixels * 24 < ray.cluster_resources().get(
-            "object_store_memory", 0) / 4:
+    example_bytes = spec.student.max_pixels * _EXAMPLE_BYTES_PER_PIXEL  # at most, for a full-size image
+    # Blocks of a batch or two, out of the task as they are made (the target is half a batch of full-size
+    # images): with the default 128 MiB a map task emits its whole input's examples at once, and each
+    # pass's first batch waits for most of the pass.
+    examples.context.target_max_block_size = max(2**20, spec.student.batch_size * example_bytes // 2)
+    if not augment and rows.num_rows * example_bytes < ray.cluster_resources().get("object_store_memory", 0) / 4:
         # The same examples every pass: made once here, and each pass only streams them from the object
         # store (no processor work competing with training, and a faster start of each pass).
         return examples.materialize()
     return examples
+
+
+# A Qwen example's pixel values: 3 x 2 x 14 x 14 float32 per 14x14-pixel patch.
+_EXAMPLE_BYTES_PER_PIXEL = 24
 
 
 class _ReadImages:
