@@ -278,7 +278,7 @@ def _make_examples(batch: pa.Table, spec_json: str, model_path: str, augment: bo
     """Decode, (augment,) and turn each row into the student's tensors, serialised for the trainer."""
     from PIL import Image, ImageOps
 
-    from raydar.sft import augmented
+    from raydar.sft import augmented, pack_example
 
     key = spec_json + model_path
     if key not in _BUILDERS:
@@ -295,10 +295,8 @@ def _make_examples(batch: pa.Table, spec_json: str, model_path: str, augment: bo
         image, label = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"), json.loads(text)
         if augment:
             image, label = augmented(image, label, builder.kind, rng)
-        buffer = io.BytesIO()
         # A point head answers for the student: it learns from the label itself, with no answer text.
-        torch.save(builder.example(image, None if point_head else label), buffer)
-        examples.append(buffer.getvalue())
+        examples.append(pack_example(builder.example(image, None if point_head else label)))
         labels.append(json.dumps(label))
     return pa.table({"example": pa.array(examples, pa.binary()), "label": labels})
 
@@ -310,7 +308,7 @@ def train_student(config: dict) -> None:
     """The training loop of one Ray Train worker."""
     import deepspeed
 
-    from raydar.sft import collate
+    from raydar.sft import collate, unpack_example
 
     spec = DatasetSpec.model_validate({**config["spec"], "source_file": config["source_file"]})
     s = spec.student
@@ -362,7 +360,7 @@ def train_student(config: dict) -> None:
     def batches(split: str):
         """Padded batches of this worker's shard (the examples were made on Ray Data) and their labels."""
         for rows in shards[split].iter_batches(batch_size=s.batch_size, batch_format="pyarrow", prefetch_batches=4):
-            examples = [torch.load(io.BytesIO(b), weights_only=True) for b in rows["example"].to_pylist()]
+            examples = [unpack_example(b) for b in rows["example"].to_pylist()]
             batch = collate(examples, processor.tokenizer.pad_token_id)
             yield {k: v.to(engine.device) for k, v in batch.items()}, [json.loads(x) for x in rows["label"].to_pylist()]
 

@@ -13,8 +13,10 @@ image token is labelled -100.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -117,17 +119,34 @@ class SFTExamples:
         return cols * patch, rows * patch
 
 
-def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad the token sequences (labels with -100) and join the images as the family expects."""
-    longest = max(e["input_ids"].shape[1] for e in examples)
+def collate(examples: list[dict[str, torch.Tensor | np.ndarray]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad the token sequences (labels with -100) and join the images as the family expects.
+
+    Padded and joined with numpy, not torch: the fine-tuning worker runs this on its prefetch thread, and
+    a parallel torch op on a second thread starts a second OpenMP thread team. On a machine whose cores
+    the training thread's team fills, libgomp then stops spinning between ops, and the training thread's
+    steps took 1.3-1.7x as long (2 cores)."""
+    arrays = [{key: np.asarray(value) for key, value in e.items()} for e in examples]
+    longest = max(e["input_ids"].shape[1] for e in arrays)
     batch: dict[str, torch.Tensor] = {}
-    for key in examples[0]:
-        values = [e[key] for e in examples]
+    for key in arrays[0]:
+        values = [e[key] for e in arrays]
         if key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
             fill = {"input_ids": pad_token_id, "labels": IGNORE}.get(key, 0)
-            batch[key] = torch.cat(
-                [torch.nn.functional.pad(v, (0, longest - v.shape[1]), value=fill) for v in values], dim=0
-            )
-        else:  # images: Qwen's patches one image after another (with image_grid_thw), LLaVA's stacked
-            batch[key] = torch.cat(values, dim=0)
+            values = [np.pad(v, ((0, 0), (0, longest - v.shape[1])), constant_values=fill) for v in values]
+        # images: Qwen's patches one image after another (with image_grid_thw), LLaVA's stacked
+        batch[key] = torch.from_numpy(np.concatenate(values, axis=0))
     return batch
+
+
+def pack_example(example: dict[str, torch.Tensor]) -> bytes:
+    """An example's tensors as bytes (an uncompressed .npz), for the trainer's Ray Data rows."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{key: value.numpy() for key, value in example.items()})
+    return buffer.getvalue()
+
+
+def unpack_example(data: bytes) -> dict[str, np.ndarray]:
+    """`pack_example`'s arrays, read without torch (see `collate`) and without pickle."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return {key: arrays[key] for key in arrays.files}

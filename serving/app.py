@@ -35,6 +35,7 @@ import os
 import statistics
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -217,6 +218,9 @@ class FineTunedDetector:
         self.device = device
         self.config: AdapterConfig | None = None
         self._one_at_a_time = asyncio.Lock()  # without batching the model still runs one request at a time
+        # The model answers on one thread: torch on several threads of a pool gives each its own OpenMP
+        # team, and with more teams' threads than cores libgomp stops spinning between ops (slower steps).
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._detect_batch.set_max_batch_size(max_batch_size)
         self._detect_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -261,7 +265,7 @@ class FineTunedDetector:
             detector = await self.load(uri)
         except Exception as e:  # a broken checkpoint fails its requests, not the replica
             return [{"label": None, "raw": "", "error": f"adapter {uri} does not load: {e}"} for _ in images]
-        results = await asyncio.to_thread(detector.detect, images)
+        results = await asyncio.get_running_loop().run_in_executor(self._model_thread, detector.detect, images)
         return [{**r, "model": detector.model, "adapter_version": detector.adapter_version, "batch_size": len(images)}
                 for r in results]
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from raydar.demo import read_ground_truth
 from raydar.models.families import FAMILIES
 from raydar.models.tiny import TINY_FAMILIES, build_tiny_model
-from raydar.sft import IGNORE, SFTExamples, collate
+from raydar.sft import IGNORE, SFTExamples, collate, pack_example, unpack_example
 from raydar.spec import PointsTask
 from raydar.tasks import task_kind
 
@@ -76,6 +76,35 @@ def test_a_padded_batch_trains_on_answers_only(student, demo_folder):
     every_token = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE)
     whole = F.cross_entropy(logits.reshape(-1, vocab), every_token.reshape(-1), ignore_index=IGNORE)
     assert not torch.isclose(whole, answers_only, atol=1e-3)
+
+
+def test_the_trainer_s_prefetch_thread_pads_packed_examples_without_a_torch_op(student, demo_folder):
+    """The fine-tuning worker unpacks and pads batches on a second thread. A torch op there (torch.load,
+    cat, pad) would start a second OpenMP thread team beside the training thread's, which on a machine
+    the training thread fills slowed its steps 1.3-1.7x (bench/RESULTS.md)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    family, processor, builder, _ = student
+    records = read_ground_truth(demo_folder)[:3]
+    examples = [builder.example(Image.open(demo_folder / r["file"]), r["label"]) for r in records]
+    packed = [pack_example(e) for e in examples]
+    with Ops() as ops:
+        batch = collate([unpack_example(p) for p in packed], processor.tokenizer.pad_token_id)
+    assert set(ops.seen) <= {"aten.lift_fresh.default"}  # torch.from_numpy wrapping the arrays, no copy
+    expected = collate(examples, processor.tokenizer.pad_token_id)
+    assert batch.keys() == expected.keys()
+    for key in batch:
+        assert batch[key].dtype == expected[key].dtype and torch.equal(batch[key], expected[key]), key
+    assert batch["input_ids"].shape[0] == len(records)
 
 
 def test_a_kind_in_the_wrong_convention_is_refused(student):
