@@ -65,7 +65,18 @@ def connect(
     # Ray's processes read it from the environment when they start.
     os.environ.setdefault("RAY_num_workers_soft_limit", str(max(WARM_WORKERS, num_cpus or os.cpu_count() or 1)))
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **quiet)
-    return ray.get_runtime_context().gcs_address
+    global _embedded_address
+    _embedded_address = ray.get_runtime_context().gcs_address
+    return _embedded_address
+
+
+_embedded_address: str | None = None  # the embedded Ray this process started, if any
+
+
+def embedded() -> bool:
+    """Whether Ray here is the embedded local one `connect` started: its nodes are all it will ever have
+    (no autoscaler adds any)."""
+    return ray.is_initialized() and _embedded_address == ray.get_runtime_context().gcs_address
 
 
 def _listen_on_loopback() -> None:

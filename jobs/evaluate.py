@@ -268,10 +268,15 @@ def _read_images(uris: list[str]) -> list[bytes]:
     return out
 
 
+def default_run_name(spec: DatasetSpec) -> str:
+    """The run `raydar finetune` writes without --run-name, and the one evaluation then reads."""
+    return f"{spec.name}-finetune"
+
+
 def finetune_run_folder(spec: DatasetSpec, storage: StorageRoot, run_name: str | None = None) -> str:
     """Where `raydar finetune` leaves the spec's run (its checkpoints)."""
     root = storage.child(spec.name)
-    name = run_name or f"{spec.name}-finetune"
+    name = run_name or default_run_name(spec)
     if not root.exists("train", name):
         raise FileNotFoundError(f"{root.uri_of('train', name)}: no finetune run; run `raydar finetune --spec "
                                 f"{spec.source_file}` first, or pass --checkpoint")

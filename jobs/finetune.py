@@ -44,7 +44,9 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster import StorageRoot, connect
+from cluster.connect import embedded
 from cluster.storage import resolve
+from jobs.evaluate import default_run_name
 from jobs.label import add_common_arguments, resolve_source, spec_from_args
 from raydar.heads import PointsHead, image_token_maps, pool_hidden
 from raydar.labels import LabelStore
@@ -115,6 +117,7 @@ def finetune(
     nodes), SPREAD, or STRICT_SPREAD (one worker per node)."""
     student = spec.student
     check_student(spec)
+    check_resources(spec)
     model_path = resolve_base_model(student.base_model, student.family)
     root = storage.child(spec.name)
     rows = LabelStore(root.child("labels")).read_labels()
@@ -126,7 +129,7 @@ def finetune(
             f"{spec.source_file}` first"
         )
     source = resolve_source(spec, root)
-    run_name = run_name or f"{spec.name}-finetune"
+    run_name = run_name or default_run_name(spec)
     positive_weights = None
     if spec.task.kind == "multilabel":  # negatives / positives per class in the training labels (seed 004)
         from raydar.heads import MultilabelHead
@@ -225,6 +228,29 @@ def check_student(spec: DatasetSpec) -> None:
         )
     if s.quantisation != "none" and s.workers > 1 and not s.use_gpu:
         raise SpecError(f"{where}: student.quantisation: {s.quantisation} training on the CPU runs one worker only")
+
+
+def check_resources(spec: DatasetSpec) -> None:
+    """A worker that no node of the cluster can hold: on the embedded Ray, which no autoscaler grows, an
+    error before anything starts (Ray Train would wait for it forever); on a joined cluster a warning
+    that the workers wait until a node that can hold one joins."""
+    s = spec.student
+    need = {"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.use_gpu else {})}
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if any(all(have.get(name, 0.0) >= amount for name, amount in need.items()) for have in nodes):
+        return
+    what = f"one worker needs {_count(s.cpus_per_worker, 'CPU')}" + (" and a GPU (student.use_gpu)" if s.use_gpu else "")
+    nodes_have = "; ".join(f"{_count(have.get('CPU', 0), 'CPU')}, {_count(have.get('GPU', 0), 'GPU')}" for have in nodes)
+    message = f"{spec.source_file or spec.name}: student: {what} on one node; this cluster's nodes have {nodes_have}"
+    if embedded():
+        fixes = [] if any(have.get("CPU", 0) >= s.cpus_per_worker for have in nodes) else ["lower student.cpus_per_worker"]
+        fixes += ["set student.use_gpu: false"] if s.use_gpu else []
+        raise SpecError(f"{message}; {' or '.join(fixes)}, or run on a cluster that has such a node")
+    print(f"warning: {message}; the workers wait until such a node joins", file=sys.stderr, flush=True)
+
+
+def _count(n: float, what: str) -> str:
+    return f"{n:g} {what}" + ("" if n == 1 else "s")
 
 
 def example_rows(rows: pa.Table, source: str, spec: DatasetSpec, model_path: str, *, augment: bool) -> ray.data.Dataset:

@@ -7,6 +7,8 @@ import io
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -18,7 +20,7 @@ from jobs.finetune import finetune
 from jobs.label import label_images
 from raydar.heads import PointsHead, load_head
 from raydar.spec import SpecError
-from tests.conftest import DEMO_SPEC, TEST_STUDENT
+from tests.conftest import DEMO_SPEC, REPO, TEST_STUDENT
 from raydar.spec import load_spec
 
 
@@ -115,8 +117,11 @@ def test_a_worker_that_dies_mid_run_resumes_from_the_last_checkpoint(labelled):
         ({"base_model": "/nowhere/model"}, "neither a folder nor in the local Hugging Face cache"),
         ({"base_model": "raydar-tiny-gpt"}, "unknown tiny model"),
         ({"quantisation": "8bit", "deepspeed_stage": 3}, "ZeRO-3 partitions weights"),
+        ({"use_gpu": True}, r"one worker needs 1 CPU and a GPU \(student.use_gpu\) on one node; this cluster's "
+                            r"nodes have 2 CPUs, 0 GPUs; set student.use_gpu: false, or run on"),
+        ({"cpus_per_worker": 8}, "one worker needs 8 CPUs on one node; this cluster's nodes have 2 CPUs"),
     ],
-    ids=["unknown-model", "unknown-tiny-model", "zero3-with-8bit"],
+    ids=["unknown-model", "unknown-tiny-model", "zero3-with-8bit", "gpu-on-a-cpu-cluster", "more-cpus-than-a-node"],
 )
 def test_impossible_requests_fail_before_any_worker_starts(labelled, student, message):
     start = time.monotonic()
@@ -185,3 +190,79 @@ def test_each_pass_of_examples_streams_out_in_blocks_of_about_a_batch(labelled):
     assert sum(sizes) == rows.num_rows == 40
     assert len(sizes) >= 4 and max(sizes) <= 2 * spec.student.batch_size, sizes  # before: one block of 40
     assert ray.data.DataContext.get_current().target_max_block_size != examples.context.target_max_block_size
+
+
+def squares_image(rng) -> tuple[bytes, int, float]:
+    """A 96x96 PNG with 0-3 coloured squares; how many, and the share of the image they cover."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (96, 96), (20, 20, 20))
+    draw = ImageDraw.Draw(img)
+    count = int(rng.integers(0, 4))
+    for colour in [(230, 30, 30), (30, 200, 30), (40, 60, 230)][:count]:
+        side = int(rng.integers(20, 40))
+        x, y = (int(v) for v in rng.integers(0, 96 - side, 2))
+        draw.rectangle([x, y, x + side, y + side], fill=colour)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue(), count, float(np.asarray(img).max(axis=2).__gt__(20).mean())
+
+
+@pytest.mark.parametrize("dataset", ["chest_xray", "nutrition"], ids=["multilabel-head", "regression-head"])
+def test_a_multilabel_or_regression_head_trains_beside_the_adapter_in_the_job(labelled, tmp_path, dataset):
+    """The seed 004 and 003 specs on the job: the head learns with the LoRA adapter (one loss, one DeepSpeed
+    engine) and is saved beside it. Labels are written straight to the label store (no teacher answers
+    these kinds here), as labelled Parquet rows of images with 0-3 squares."""
+    import datetime as dt
+    import hashlib
+    import json
+
+    from jobs.finetune import build_student
+    from raydar.labels import LABEL_SCHEMA, LabelStore
+    from raydar.models import resolve_base_model
+    from raydar.tasks import task_kind
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    spec = load_spec(REPO / "datasets" / f"{dataset}.yaml", overrides={
+        "images.uri": str(folder), **TEST_STUDENT, "student.workers": 1, "student.deepspeed_stage": 2,
+        "student.epochs": 3, "student.batch_size": 4, "student.learning_rate": 5e-3, "student.warmup_steps": 2,
+        "student.quantisation": "none", "student.lora.vision": False, "student.gradient_checkpointing": False,
+        "student.use_gpu": False, "student.cpus_per_worker": 2})
+    names = list(getattr(spec.task, "ontology", None) or spec.task.targets)
+    rng, rows = np.random.default_rng(3), []
+    for i in range(40):
+        data, count, cover = squares_image(rng)
+        (folder / f"{i:03d}.png").write_bytes(data)
+        if spec.task.kind == "multilabel":  # the first `count` findings present
+            label = {"probabilities": {n: float(k < count) for k, n in enumerate(names)}}
+        else:  # a portion that grows with the squares
+            label = {"values": {n: round(cover * spec.task.targets[n].max * (k + 1) / 8, 2) for k, n in enumerate(names)}}
+        image_id = hashlib.sha256(data).hexdigest()
+        rows.append({"image_id": image_id, "source_uri": str(folder / f"{i:03d}.png"), "width": 96, "height": 96,
+                     "split": "val" if i % 8 == 0 else "train", "task": task_kind(spec.task).name,
+                     "label": json.dumps(task_kind(spec.task).validate(label)), "teacher_model": "written-by-the-test",
+                     "teacher_fingerprint": "test", "raw_answer": "", "status": "ok", "error": "", "attempts": 1,
+                     "latency_s": 0.0, "labelled_at": dt.datetime.now(dt.timezone.utc), "run_id": "test"})
+    storage = StorageRoot(tmp_path / "store")
+    store = LabelStore(storage.child(spec.name, "labels"))
+    store.append(pa.Table.from_pylist(rows, schema=LABEL_SCHEMA), "test", 0)
+    store.write_snapshot("test")
+
+    result = finetune(spec, storage, run_name="heads")
+
+    assert result.metrics["loss"] < result.metrics["first_loss"], result.metrics
+    assert any(t.abs().sum() > 0 for n, t in adapter_weights(result.checkpoint).items() if "lora_B" in n)
+    head = load_head(result.checkpoint)  # saved beside the adapter
+    assert head.config()["kind"] == spec.task.kind
+    # The head the worker started from: the same seed and build as `train_student`, twice to show it is one.
+    path = str(resolve_base_model(spec.student.base_model, spec.student.family))
+    initial = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        initial.append({n: p.detach() for n, p in build_student(spec, path)[0].head.named_parameters()})
+    assert all(torch.equal(initial[0][n], initial[1][n]) for n in initial[0])
+    trained = dict(head.named_parameters())  # parameters only: not the multilabel head's fitted pos_weight
+    assert trained.keys() == initial[0].keys()
+    moved = [n for n in initial[0] if not torch.allclose(trained[n], initial[0][n])]
+    assert moved, "the head's weights did not change"
