@@ -117,7 +117,7 @@ def finetune(
     nodes), SPREAD, or STRICT_SPREAD (one worker per node)."""
     student = spec.student
     check_student(spec)
-    check_resources(spec)
+    check_resources(spec, placement_strategy)
     model_path = resolve_base_model(student.base_model, student.family)
     root = storage.child(spec.name)
     rows = LabelStore(root.child("labels")).read_labels()
@@ -230,23 +230,29 @@ def check_student(spec: DatasetSpec) -> None:
         raise SpecError(f"{where}: student.quantisation: {s.quantisation} training on the CPU runs one worker only")
 
 
-def check_resources(spec: DatasetSpec) -> None:
-    """A worker that no node of the cluster can hold: on the embedded Ray, which no autoscaler grows, an
-    error before anything starts (Ray Train would wait for it forever); on a joined cluster a warning
-    that the workers wait until a node that can hold one joins."""
+def check_resources(spec: DatasetSpec, placement_strategy: str = "PACK") -> None:
+    """Workers the cluster cannot hold all at once: on the embedded Ray, which no autoscaler grows, an
+    error before anything starts (Ray Train would wait for them forever); on a joined cluster a warning
+    that the workers wait until nodes that can hold them join."""
     s = spec.student
     need = {"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.use_gpu else {})}
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    if any(all(have.get(name, 0.0) >= amount for name, amount in need.items()) for have in nodes):
+    per_node = [int(min(have.get(name, 0.0) // amount for name, amount in need.items())) for have in nodes]
+    held = sum(min(n, 1) for n in per_node) if placement_strategy == "STRICT_SPREAD" else sum(per_node)
+    if held >= s.workers:
         return
-    what = f"one worker needs {_count(s.cpus_per_worker, 'CPU')}" + (" and a GPU (student.use_gpu)" if s.use_gpu else "")
-    nodes_have = "; ".join(f"{_count(have.get('CPU', 0), 'CPU')}, {_count(have.get('GPU', 0), 'GPU')}" for have in nodes)
-    message = f"{spec.source_file or spec.name}: student: {what} on one node; this cluster's nodes have {nodes_have}"
+    what = f"{_count(s.workers, 'worker')}, each with {_count(s.cpus_per_worker, 'CPU')}" + (
+        " and a GPU (student.use_gpu)" if s.use_gpu else "") + (", one per node" if placement_strategy ==
+                                                                 "STRICT_SPREAD" else "")
+    nodes_have = "; ".join(f"{_count(have.get('CPU', 0), 'CPU')}, {_count(have.get('GPU', 0), 'GPU')}"
+                           for have in nodes)
+    message = (f"{spec.source_file or spec.name}: student: {what}; this cluster holds {held} "
+               f"(its nodes have {nodes_have})")
     if embedded():
-        fixes = [] if any(have.get("CPU", 0) >= s.cpus_per_worker for have in nodes) else ["lower student.cpus_per_worker"]
-        fixes += ["set student.use_gpu: false"] if s.use_gpu else []
-        raise SpecError(f"{message}; {' or '.join(fixes)}, or run on a cluster that has such a node")
-    print(f"warning: {message}; the workers wait until such a node joins", file=sys.stderr, flush=True)
+        fixes = ["lower student.workers or student.cpus_per_worker"] + (
+            ["set student.use_gpu: false"] if s.use_gpu else [])
+        raise SpecError(f"{message}; {' or '.join(fixes)}, or run on a cluster that can hold them")
+    print(f"warning: {message}; the workers wait until nodes that can hold them join", file=sys.stderr, flush=True)
 
 
 def _count(n: float, what: str) -> str:

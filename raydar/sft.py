@@ -125,7 +125,7 @@ def collate(examples: list[dict[str, torch.Tensor | np.ndarray]], pad_token_id: 
     Padded and joined with numpy, not torch: the fine-tuning worker runs this on its prefetch thread, and
     a parallel torch op on a second thread starts a second OpenMP thread team. On a machine whose cores
     the training thread's team fills, libgomp then stops spinning between ops, and the training thread's
-    steps took 1.3-1.7x as long (2 cores)."""
+    steps took 1.2-1.3x as long (2 cores, bench/prefetch_thread.py)."""
     arrays = [{key: np.asarray(value) for key, value in e.items()} for e in examples]
     longest = max(e["input_ids"].shape[1] for e in arrays)
     batch: dict[str, torch.Tensor] = {}
@@ -141,8 +141,12 @@ def collate(examples: list[dict[str, torch.Tensor | np.ndarray]], pad_token_id: 
 
 def pack_example(example: dict[str, torch.Tensor]) -> bytes:
     """An example's tensors as bytes (an uncompressed .npz), for the trainer's Ray Data rows."""
+    unsupported = [key for key, value in example.items() if value.dtype == torch.bfloat16]
+    if unsupported:
+        raise TypeError(f"example tensors {', '.join(unsupported)}: bfloat16 has no numpy dtype; examples are "
+                        "the processor's float32 outputs")
     buffer = io.BytesIO()
-    np.savez(buffer, **{key: value.numpy() for key, value in example.items()})
+    np.savez(buffer, **{key: value.detach().cpu().numpy() for key, value in example.items()})
     return buffer.getvalue()
 
 

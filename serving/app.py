@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import statistics
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -234,11 +235,13 @@ class FineTunedDetector:
     async def load(self, uri: str):
         from raydar.predict import StudentDetector
 
+        # Built on a thread that then ends (not a pool's, which would live on with an OpenMP team of its own),
+        # while the model thread goes on answering with the adapters already loaded.
         if uri == "base":
-            return await asyncio.to_thread(StudentDetector.from_base, self.spec, device=self.device,
-                                           max_new_tokens=self.max_new_tokens)
-        return await asyncio.to_thread(StudentDetector.from_checkpoint, uri, device=self.device,
-                                       max_new_tokens=self.max_new_tokens)
+            return await _on_a_passing_thread(StudentDetector.from_base, self.spec, device=self.device,
+                                              max_new_tokens=self.max_new_tokens)
+        return await _on_a_passing_thread(StudentDetector.from_checkpoint, uri, device=self.device,
+                                          max_new_tokens=self.max_new_tokens)
 
     async def adapters(self) -> dict:
         """{"default": name, "adapters": {name: uri}}: what the ingress maps adapter names with."""
@@ -268,6 +271,27 @@ class FineTunedDetector:
         results = await asyncio.get_running_loop().run_in_executor(self._model_thread, detector.detect, images)
         return [{**r, "model": detector.model, "adapter_version": detector.adapter_version, "batch_size": len(images)}
                 for r in results]
+
+
+async def _on_a_passing_thread(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on a new thread that ends when it returns."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(setter, value) -> None:
+        if not done.done():  # the awaiting request may have been cancelled meanwhile
+            setter(value)
+
+    def run() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the awaiting coroutine, raised there
+            loop.call_soon_threadsafe(settle, done.set_exception, e)
+        else:
+            loop.call_soon_threadsafe(settle, done.set_result, result)
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return await done
 
 
 @serve.deployment(name="RagDetector")

@@ -81,7 +81,7 @@ def test_a_padded_batch_trains_on_answers_only(student, demo_folder):
 def test_the_trainer_s_prefetch_thread_pads_packed_examples_without_a_torch_op(student, demo_folder):
     """The fine-tuning worker unpacks and pads batches on a second thread. A torch op there (torch.load,
     cat, pad) would start a second OpenMP thread team beside the training thread's, which on a machine
-    the training thread fills slowed its steps 1.3-1.7x (bench/RESULTS.md)."""
+    the training thread fills slowed its steps 1.2-1.3x (bench/RESULTS.md)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
