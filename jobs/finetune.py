@@ -241,9 +241,9 @@ def check_resources(spec: DatasetSpec, placement_strategy: str = "PACK") -> None
     held = sum(min(n, 1) for n in per_node) if placement_strategy == "STRICT_SPREAD" else sum(per_node)
     if held >= s.workers:
         return
-    what = f"{_count(s.workers, 'worker')}, each with {_count(s.cpus_per_worker, 'CPU')}" + (
-        " and a GPU (student.use_gpu)" if s.use_gpu else "") + (", one per node" if placement_strategy ==
-                                                                 "STRICT_SPREAD" else "")
+    what = f"{_count(s.workers, 'worker')}, each with {_count(s.cpus_per_worker, 'CPU')}"
+    what += " and a GPU (student.use_gpu)" if s.use_gpu else ""
+    what += ", one per node" if placement_strategy == "STRICT_SPREAD" else ""
     nodes_have = "; ".join(f"{_count(have.get('CPU', 0), 'CPU')}, {_count(have.get('GPU', 0), 'GPU')}"
                            for have in nodes)
     message = (f"{spec.source_file or spec.name}: student: {what}; this cluster holds {held} "

@@ -28,12 +28,12 @@ import asyncio
 import base64
 import binascii
 import collections
+import functools
 import hmac
 import json
 import logging
 import os
 import statistics
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -274,24 +274,12 @@ class FineTunedDetector:
 
 
 async def _on_a_passing_thread(fn, *args, **kwargs):
-    """`fn(*args, **kwargs)` on a new thread that ends when it returns."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def settle(setter, value) -> None:
-        if not done.done():  # the awaiting request may have been cancelled meanwhile
-            setter(value)
-
-    def run() -> None:
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as e:  # handed to the awaiting coroutine, raised there
-            loop.call_soon_threadsafe(settle, done.set_exception, e)
-        else:
-            loop.call_soon_threadsafe(settle, done.set_result, result)
-
-    threading.Thread(target=run, name="model-load", daemon=True).start()
-    return await done
+    """`fn(*args, **kwargs)` on a thread of its own, which ends when it returns."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+    finally:
+        executor.shutdown(wait=False)  # the thread exits once the load is done
 
 
 @serve.deployment(name="RagDetector")

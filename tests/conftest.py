@@ -11,7 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from raydar.demo import GROUND_TRUTH_FILE, make_demo_cells
 from raydar.spec import load_spec
@@ -187,3 +189,24 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+# Task heads' synthetic set (tests/test_heads.py, the head job test in tests/test_finetune.py).
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 230)}
+
+
+def squares(rng: np.random.Generator) -> tuple[Image.Image, dict, dict]:
+    """A 64x64 image with a random subset of coloured squares; its multilabel and regression labels."""
+    img = Image.new("RGB", (64, 64), (20, 20, 20))
+    draw = ImageDraw.Draw(img)
+    present = {c: bool(rng.random() < 0.5) for c in COLOURS}
+    area = 0
+    for colour, shown in present.items():
+        if shown:
+            side = int(rng.integers(14, 30))
+            x, y = (int(v) for v in rng.integers(0, 64 - side, 2))
+            draw.rectangle([x, y, x + side, y + side], fill=COLOURS[colour])
+            area += side * side
+    multilabel = {"probabilities": {c: float(v) for c, v in present.items()}}
+    regression = {"values": {"squares": float(sum(present.values())), "cover": min(100.0, 100 * area / 64**2)}}
+    return img, multilabel, regression

@@ -20,7 +20,7 @@ from jobs.finetune import finetune
 from jobs.label import label_images
 from raydar.heads import PointsHead, load_head
 from raydar.spec import SpecError
-from tests.conftest import DEMO_SPEC, REPO, TEST_STUDENT
+from tests.conftest import DEMO_SPEC, REPO, TEST_STUDENT, squares
 from raydar.spec import load_spec
 
 
@@ -196,27 +196,11 @@ def test_each_pass_of_examples_streams_out_in_blocks_of_about_a_batch(labelled):
     assert ray.data.DataContext.get_current().target_max_block_size != examples.context.target_max_block_size
 
 
-def squares_image(rng) -> tuple[bytes, int, float]:
-    """A 96x96 PNG with 0-3 coloured squares; how many, and the share of the image they cover."""
-    from PIL import ImageDraw
-
-    img = Image.new("RGB", (96, 96), (20, 20, 20))
-    draw = ImageDraw.Draw(img)
-    count = int(rng.integers(0, 4))
-    for colour in [(230, 30, 30), (30, 200, 30), (40, 60, 230)][:count]:
-        side = int(rng.integers(20, 40))
-        x, y = (int(v) for v in rng.integers(0, 96 - side, 2))
-        draw.rectangle([x, y, x + side, y + side], fill=colour)
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue(), count, float(np.asarray(img).max(axis=2).__gt__(20).mean())
-
-
 @pytest.mark.parametrize("dataset", ["chest_xray", "nutrition"], ids=["multilabel-head", "regression-head"])
 def test_a_multilabel_or_regression_head_trains_beside_the_adapter_in_the_job(labelled, tmp_path, dataset):
     """The seed 004 and 003 specs on the job: the head learns with the LoRA adapter (one loss, one DeepSpeed
     engine) and is saved beside it. Labels are written straight to the label store (no teacher answers
-    these kinds here), as labelled Parquet rows of images with 0-3 squares."""
+    these kinds here), as labelled Parquet rows of the head tests' images with 0-3 squares."""
     import datetime as dt
     import hashlib
     import json
@@ -236,14 +220,18 @@ def test_a_multilabel_or_regression_head_trains_beside_the_adapter_in_the_job(la
     names = list(getattr(spec.task, "ontology", None) or spec.task.targets)
     rng, rows = np.random.default_rng(3), []
     for i in range(40):
-        data, count, cover = squares_image(rng)
+        image, _, squared = squares(rng)
+        count, cover = int(squared["values"]["squares"]), squared["values"]["cover"] / 100
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
         (folder / f"{i:03d}.png").write_bytes(data)
         if spec.task.kind == "multilabel":  # the first `count` findings present
             label = {"probabilities": {n: float(k < count) for k, n in enumerate(names)}}
         else:  # a portion that grows with the squares
             label = {"values": {n: round(cover * spec.task.targets[n].max * (k + 1) / 8, 2) for k, n in enumerate(names)}}
         image_id = hashlib.sha256(data).hexdigest()
-        rows.append({"image_id": image_id, "source_uri": str(folder / f"{i:03d}.png"), "width": 96, "height": 96,
+        rows.append({"image_id": image_id, "source_uri": str(folder / f"{i:03d}.png"), "width": 64, "height": 64,
                      "split": "val" if i % 8 == 0 else "train", "task": task_kind(spec.task).name,
                      "label": json.dumps(task_kind(spec.task).validate(label)), "teacher_model": "written-by-the-test",
                      "teacher_fingerprint": "test", "raw_answer": "", "status": "ok", "error": "", "attempts": 1,

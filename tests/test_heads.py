@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from sklearn.metrics import f1_score
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -22,27 +22,9 @@ from raydar.heads import (
     save_head,
 )
 from raydar.models.tiny import build_tiny_model
-from raydar.spec import MultilabelTask, PointsTask, RegressionTask
 from raydar.sft import user_turn
-
-COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 230)}
-
-
-def squares(rng: np.random.Generator) -> tuple[Image.Image, dict, dict]:
-    """A 64x64 image with a random subset of coloured squares; its multilabel and regression labels."""
-    img = Image.new("RGB", (64, 64), (20, 20, 20))
-    draw = ImageDraw.Draw(img)
-    present = {c: bool(rng.random() < 0.5) for c in COLOURS}
-    area = 0
-    for colour, shown in present.items():
-        if shown:
-            side = int(rng.integers(14, 30))
-            x, y = (int(v) for v in rng.integers(0, 64 - side, 2))
-            draw.rectangle([x, y, x + side, y + side], fill=COLOURS[colour])
-            area += side * side
-    multilabel = {"probabilities": {c: float(v) for c, v in present.items()}}
-    regression = {"values": {"squares": float(sum(present.values())), "cover": min(100.0, 100 * area / 64**2)}}
-    return img, multilabel, regression
+from raydar.spec import MultilabelTask, PointsTask, RegressionTask
+from tests.conftest import COLOURS, squares
 
 
 @pytest.fixture(scope="module")
