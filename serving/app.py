@@ -113,8 +113,8 @@ class ServeArgs(_Args):
                                     "(the answer is degraded).")
     batching: bool = Field(default=True, description="Group concurrent requests to the student into batches.")
     max_batch_size: int = Field(default=8, ge=1, description="Largest batch; more memory, more throughput.")
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="Longest wait for a batch to fill; "
-                                        "adds up to this much latency at low load.")
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0, description="Longest wait for a batch to fill while "
+                                        "the student is busy; a request that finds it idle starts a batch at once.")
     max_new_tokens: int = Field(default=256, gt=0, description="Longest answer the student may generate.")
     device: str | None = Field(default=None, description="Torch device of the student; default cuda if present.")
     public_docs: bool = Field(default=True, description="Serve /docs and /openapi.json without the token "
@@ -223,7 +223,8 @@ class FineTunedDetector:
         # team, and with more teams' threads than cores libgomp stops spinning between ops (slower steps).
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._detect_batch.set_max_batch_size(max_batch_size)
-        self._detect_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self._in_flight = 0  # requests inside detect()
 
     async def reconfigure(self, config: dict) -> None:
         """New adapters: the new default is loaded before it is switched to, so no request waits for it."""
@@ -250,7 +251,16 @@ class FineTunedDetector:
     async def detect(self, image: bytes) -> dict:
         uri = serve.get_multiplexed_model_id() or self.config.adapters[self.config.default]
         if self.batching:
-            return await self._detect_batch(uri, image)
+            # While a batch runs, the model thread holds the GIL most of the time, and the requests arriving
+            # meanwhile get into this replica slowly. A wait after the batch, with the model thread idle,
+            # lets them in: batches of 15-16 at concurrency 32 against 3-5 with a 10 ms wait
+            # (bench/RESULTS.md). A request that finds the replica idle is not kept waiting.
+            self._detect_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s if self._in_flight else 0.0)
+            self._in_flight += 1
+            try:
+                return await self._detect_batch(uri, image)
+            finally:
+                self._in_flight -= 1
         async with self._one_at_a_time:
             return (await self._run(uri, [image]))[0]
 

@@ -145,6 +145,36 @@ def test_concurrent_requests_are_batched(served):
     assert max(r.json()["members"]["finetuned"]["batch_size"] for r in responses) > 1
 
 
+def test_a_lone_request_starts_its_batch_at_once_and_a_busy_student_waits_to_fill_one(served):
+    """With a batch wait of 3 s: a request that finds the student idle is answered well within it; requests
+    arriving while it is busy wait for the batch to fill (here: until the burst is in)."""
+    from ray import serve
+
+    args = {**served.args, "members": ["finetuned"], "batch_wait_timeout_s": 3.0, "max_batch_size": 8}
+    serve.run(build_app(args), name="slowfill", route_prefix="/slowfill")
+    try:
+        handle = serve.get_deployment_handle("FineTunedDetector", app_name="slowfill")
+        handle.detect.remote(served.image(0)).result(timeout_s=60)  # the adapter is loaded
+        started = time.monotonic()
+        lone = handle.detect.remote(served.image(1)).result(timeout_s=60)
+        assert lone["batch_size"] == 1 and time.monotonic() - started < 2.0
+
+        async def burst():
+            first = handle.detect.remote(served.image(2))  # finds the student idle: a batch of 1, at once
+            await asyncio.sleep(0.2)
+            # together: the first of these may find it idle again, the others find it busy and wait
+            rest = [handle.detect.remote(served.image(i)) for i in range(3, 8)]
+            return await asyncio.gather(first, *rest)
+
+        started = time.monotonic()
+        answers = asyncio.run(burst())
+        assert answers[0]["batch_size"] == 1
+        assert max(a["batch_size"] for a in answers[1:]) >= 3, [a["batch_size"] for a in answers]
+        assert time.monotonic() - started >= 2.5  # the busy student's batch waited to fill
+    finally:
+        serve.delete("slowfill")
+
+
 # ---------------------------------------------------------------- the documented API and its guards
 
 
