@@ -251,10 +251,11 @@ class FineTunedDetector:
     async def detect(self, image: bytes) -> dict:
         uri = serve.get_multiplexed_model_id() or self.config.adapters[self.config.default]
         if self.batching:
-            # While a batch runs, the model thread holds the GIL most of the time, and the requests arriving
-            # meanwhile get into this replica slowly. A wait after the batch, with the model thread idle,
-            # lets them in: batches of 15-16 at concurrency 32 against 3-5 with a 10 ms wait
-            # (bench/RESULTS.md). A request that finds the replica idle is not kept waiting.
+            # Serve closes a batch `batch_wait_timeout_s` after its first request, even while the model is
+            # still busy with the last one; the closed batches then queue for the model. With a short wait
+            # a busy replica piles up batches of 2-3; a longer one lets a batch take in what arrives during
+            # the running one (16 of 16 at concurrency 32 against 4-5 with 10 ms, bench/RESULTS.md). A
+            # request that finds the replica idle has nothing to wait for: its batch starts at once.
             self._detect_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s if self._in_flight else 0.0)
             self._in_flight += 1
             try:

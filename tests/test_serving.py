@@ -151,8 +151,8 @@ def test_a_lone_request_starts_its_batch_at_once_and_a_busy_student_waits_to_fil
     from ray import serve
 
     args = {**served.args, "members": ["finetuned"], "batch_wait_timeout_s": 3.0, "max_batch_size": 8}
-    serve.run(build_app(args), name="slowfill", route_prefix="/slowfill")
     try:
+        serve.run(build_app(args), name="slowfill", route_prefix="/slowfill")
         handle = serve.get_deployment_handle("FineTunedDetector", app_name="slowfill")
         handle.detect.remote(served.image(0)).result(timeout_s=60)  # the adapter is loaded
         started = time.monotonic()
