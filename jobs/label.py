@@ -37,7 +37,7 @@ from cluster import StorageRoot, connect
 from cluster.storage import list_files
 from raydar.demo import GROUND_TRUTH_FILE, make_demo_cells
 from raydar.images import ImageProblem, image_id, prepare_image, teacher_payload
-from raydar.labels import LABEL_SCHEMA, LabelStore
+from raydar.labels import LABEL_SCHEMA, LabelStore, answered_row
 from raydar.spec import DatasetSpec, SpecError, load_spec, parse_override
 from raydar.tasks import task_kind
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
@@ -281,13 +281,12 @@ def label_feedback(spec: DatasetSpec, storage: StorageRoot, *, progress: bool = 
             continue
         prepared = prepare_image(log.root.read_bytes("images", correction["image_file"]), spec.images.max_pixels,
                                  spec.images.max_image_pixels)
-        rows.append({
-            "image_id": image, "source_uri": log.root.uri_of("images", correction["image_file"]),
-            "width": prepared.width, "height": prepared.height, "split": spec.split.split_of(image),
-            "task": kind.name, "label": label, "teacher_model": FEEDBACK_MODEL, "teacher_fingerprint": fingerprint,
-            "raw_answer": correction["comment"], "status": "ok", "error": "", "attempts": 0, "latency_s": 0.0,
-            "labelled_at": dt.datetime.now(dt.timezone.utc), "run_id": run_id,
-        })
+        rows.append(answered_row(
+            image_id=image, source_uri=log.root.uri_of("images", correction["image_file"]), width=prepared.width,
+            height=prepared.height, split=spec.split.split_of(image), task=kind.name, label=label,
+            teacher_model=FEEDBACK_MODEL, teacher_fingerprint=fingerprint, run_id=run_id,
+            raw_answer=correction["comment"], attempts=0,
+        ))
     result.new_corrections = len(rows)
     store.append(rows, run_id, 0)
     hard = {i: name for i, name in log.hard_examples().items() if i not in corrections}

@@ -11,6 +11,7 @@ module stays free of how Ray and storage are reached.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from collections import defaultdict
 from dataclasses import dataclass
@@ -40,6 +41,19 @@ LABEL_SCHEMA = pa.schema(
         pa.field("run_id", pa.string()),
     ]
 )
+
+
+def answered_row(*, image_id: str, source_uri: str, width: int, height: int, split: str, task: str, label: str,
+                 teacher_model: str, teacher_fingerprint: str, run_id: str, raw_answer: str = "", attempts: int = 1,
+                 latency_s: float = 0.0) -> dict[str, Any]:
+    """One labelled row (status ok) of LABEL_SCHEMA, labelled now; `label` is the kind's JSON."""
+    return {
+        "image_id": image_id, "source_uri": source_uri, "width": width, "height": height, "split": split,
+        "task": task, "label": label, "teacher_model": teacher_model, "teacher_fingerprint": teacher_fingerprint,
+        "raw_answer": raw_answer, "status": "ok", "error": "", "attempts": attempts, "latency_s": latency_s,
+        "labelled_at": dt.datetime.now(dt.timezone.utc), "run_id": run_id,
+    }
+
 
 LOG_DIR = "label_log"
 SNAPSHOT = "labels.parquet"

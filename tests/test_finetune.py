@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -201,12 +200,11 @@ def test_a_multilabel_or_regression_head_trains_beside_the_adapter_in_the_job(la
     """The seed 004 and 003 specs on the job: the head learns with the LoRA adapter (one loss, one DeepSpeed
     engine) and is saved beside it. Labels are written straight to the label store (no teacher answers
     these kinds here), as labelled Parquet rows of the head tests' images with 0-3 squares."""
-    import datetime as dt
     import hashlib
     import json
 
     from jobs.finetune import build_student
-    from raydar.labels import LABEL_SCHEMA, LabelStore
+    from raydar.labels import LabelStore, answered_row
     from raydar.models import resolve_base_model
     from raydar.tasks import task_kind
 
@@ -231,14 +229,14 @@ def test_a_multilabel_or_regression_head_trains_beside_the_adapter_in_the_job(la
         else:  # a portion that grows with the squares
             label = {"values": {n: round(cover * spec.task.targets[n].max * (k + 1) / 8, 2) for k, n in enumerate(names)}}
         image_id = hashlib.sha256(data).hexdigest()
-        rows.append({"image_id": image_id, "source_uri": str(folder / f"{i:03d}.png"), "width": 64, "height": 64,
-                     "split": "val" if i % 8 == 0 else "train", "task": task_kind(spec.task).name,
-                     "label": json.dumps(task_kind(spec.task).validate(label)), "teacher_model": "written-by-the-test",
-                     "teacher_fingerprint": "test", "raw_answer": "", "status": "ok", "error": "", "attempts": 1,
-                     "latency_s": 0.0, "labelled_at": dt.datetime.now(dt.timezone.utc), "run_id": "test"})
+        rows.append(answered_row(
+            image_id=image_id, source_uri=str(folder / f"{i:03d}.png"), width=64, height=64,
+            split="val" if i % 8 == 0 else "train", task=task_kind(spec.task).name,
+            label=json.dumps(task_kind(spec.task).validate(label)), teacher_model="written-by-the-test",
+            teacher_fingerprint="test", run_id="test"))
     storage = StorageRoot(tmp_path / "store")
     store = LabelStore(storage.child(spec.name, "labels"))
-    store.append(pa.Table.from_pylist(rows, schema=LABEL_SCHEMA), "test", 0)
+    store.append(rows, "test", 0)
     store.write_snapshot("test")
 
     result = finetune(spec, storage, run_name="heads")

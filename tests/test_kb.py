@@ -9,7 +9,6 @@ none) and a cell count within 2.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import os
 import select
@@ -35,7 +34,7 @@ from raydar.kb import (
     QueryImageError,
     entries_from_labels,
 )
-from raydar.labels import LabelStore
+from raydar.labels import LabelStore, answered_row
 from raydar.metrics import score
 from raydar.rag import RagDetector
 from raydar.tasks import task_kind
@@ -61,17 +60,15 @@ def label_with_teacher(spec, folder, records, storage: StorageRoot, source: str 
         await client.close()
         return [(record, prepared, answer) for (record, prepared, _), answer in zip(rows, answers)]
 
-    now = dt.datetime.now(dt.timezone.utc)
     out = []
     for record, prepared, answer in asyncio.run(ask_all()):
         assert answer.ok, answer.error
-        out.append({
-            "image_id": record["image_id"], "source_uri": source + record["file"], "width": prepared.width,
-            "height": prepared.height, "split": spec.split.split_of(record["image_id"]), "task": "points",
-            "label": json.dumps(answer.label), "teacher_model": spec.teacher.model,
-            "teacher_fingerprint": fingerprint, "raw_answer": answer.raw, "status": "ok", "error": "",
-            "attempts": answer.attempts, "latency_s": answer.latency_s, "labelled_at": now, "run_id": "test",
-        })
+        out.append(answered_row(
+            image_id=record["image_id"], source_uri=source + record["file"], width=prepared.width,
+            height=prepared.height, split=spec.split.split_of(record["image_id"]), task="points",
+            label=json.dumps(answer.label), teacher_model=spec.teacher.model, teacher_fingerprint=fingerprint,
+            run_id="test", raw_answer=answer.raw, attempts=answer.attempts, latency_s=answer.latency_s,
+        ))
     store = LabelStore(storage.child(spec.name, "labels"))
     store.append(out, f"test-{time.time_ns()}", 0)
     store.write_snapshot(fingerprint)
