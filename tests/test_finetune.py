@@ -92,9 +92,10 @@ def test_a_point_head_trains_beside_the_adapter_and_is_saved_whole_under_zero3(l
     assert isinstance(detector.head, PointsHead) and answer["error"] is None and answer["raw"] == ""
 
 
-def test_qlora_4bit_trains(labelled):
-    spec = student_spec(quantisation="4bit", deepspeed_stage=0, epochs=1)
-    result = finetune(spec, labelled, run_name="qlora", report_every=2)
+@pytest.mark.parametrize("bits", ["4bit", "8bit"], ids=["qlora-4bit", "lora-on-8bit"])
+def test_a_quantised_base_trains(labelled, bits):
+    spec = student_spec(quantisation=bits, deepspeed_stage=0, epochs=1)
+    result = finetune(spec, labelled, run_name=f"quantised-{bits}", report_every=2)
     assert result.metrics["loss"] < result.metrics["first_loss"]
     assert any(t.abs().sum() > 0 for n, t in adapter_weights(result.checkpoint).items() if "lora_B" in n)
 
