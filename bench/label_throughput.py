@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=64)
     parser.add_argument("--sequential-images", type=int, default=200, help="The loop is slow: time it on fewer.")
     parser.add_argument("--actors", type=int, default=1, help="Labelling actors (teacher.actors).")
+    parser.add_argument("--simulator-workers", type=int, default=1,
+                        help="Processes of the simulated teacher (teacher.simulated.workers): one answers about "
+                        "1,000 requests/s on a fast core, so on many cores give it several, or it is the bound.")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/raydar/bench"))
     args = parser.parse_args()
 
@@ -50,14 +53,16 @@ def main() -> None:
         "images.uri": str(folder), "images.generate": None,
         "teacher.concurrency": -(-args.cap // args.actors), "teacher.simulated.latency_s": args.latency,
         "teacher.simulated.max_concurrency": args.cap, "teacher.actors": args.actors,
+        "teacher.simulated.workers": args.simulator_workers,
     })
     cores = os.cpu_count() or 1
     print(f"{args.images} demo images (224x224 PNG), simulated teacher {args.latency * 1000:.0f} ms, "
-          f"cap {args.cap}, {cores} cores", flush=True)
+          f"cap {args.cap} ({args.simulator_workers} simulator process{'es' * (args.simulator_workers > 1)}), "
+          f"{cores} cores", flush=True)
 
     capacity = args.cap / args.latency
     connect()
-    with teacher_endpoint(spec, str(folder)) as base_url:  # one simulator process for every side
+    with teacher_endpoint(spec, str(folder)) as base_url:  # one simulator for every side
         seq_rate = asyncio.run(sequential(spec, folder, base_url, args.sequential_images))
         print(f"  sequential loop: {seq_rate:.1f} images/s", flush=True)
         cpu_per_image = asyncio.run(client_cpu_per_image(spec, folder, base_url))

@@ -197,14 +197,14 @@ def label_images(
     n_blocks = -(-len(paths) // rows_per_block)
     with teacher_endpoint(spec, dataset_source) as base_url:  # a simulator answers from the dataset's truth
         limiter = RateLimiter(spec.teacher.rate_per_s) if spec.teacher.rate_per_s else None
-        ds = ray.data.read_binary_files(
-            paths, filesystem=fs, include_paths=True, override_num_blocks=n_blocks,
-            num_cpus=0.25,  # reading is I/O; leave the cores to decoding
-        )
+        # The paths, not the bytes: each actor reads its own images (no read tasks, no image bytes through
+        # the object store), on threads, so a slow filesystem does not stall its requests in flight.
+        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=n_blocks)
         ds = ds.map_batches(
             LabelImages,
-            fn_constructor_kwargs={"spec": spec, "cache_index": index, "uri_prefix": prefix, "base_url": base_url,
-                                   "rate_limiter": limiter, "fingerprint": fingerprint, "run_id": run_id},
+            fn_constructor_kwargs={"spec": spec, "cache_index": index, "filesystem": fs, "uri_prefix": prefix,
+                                   "base_url": base_url, "rate_limiter": limiter, "fingerprint": fingerprint,
+                                   "run_id": run_id},
             batch_size=rows_per_block,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
@@ -220,7 +220,9 @@ def label_images(
             with _sigterm_as_interrupt():
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     result = _count(result, batch)
-                    writer.add(batch.filter(pc.is_in(batch["outcome"], pa.array(["ok", "failed"]))))
+                    logged = pc.and_(pc.is_in(batch["outcome"], pa.array(["ok", "failed"])),
+                                     pc.not_equal(batch["image_id"], ""))  # an unreadable file has no image id
+                    writer.add(batch.filter(logged))
                     bar.update(batch.num_rows)
                     metrics.record_throughput(bar.n / (time.time() - started))
                     bar.set_postfix(ok=result.ok_total, failed=result.failed, cached=result.cached, refresh=False)
@@ -404,6 +406,7 @@ class teacher_endpoint:
         cmd = [
             sys.executable, "-m", "raydar.teacher.simulated", "--ground-truth", self.source, "--port", "0",
             "--host", s.host, "--latency", str(s.latency_s), "--max-concurrency", str(s.max_concurrency),
+            "--workers", str(s.workers),
             "--miss-rate", str(s.miss_rate), "--false-positives", str(s.false_positives),
             "--jitter", str(s.jitter), "--label-flip-rate", str(s.label_flip_rate), "--seed", str(s.seed),
             "--coordinates", t.coordinates, "--example-gain", str(s.example_gain),
@@ -430,10 +433,11 @@ class LabelImages:
     """Per batch: decode, validate, resize and hash each image (skipping the cached and the given up),
     then ask the teacher about all of them at once. One row out per image in."""
 
-    def __init__(self, spec: DatasetSpec, cache_index, uri_prefix: str, base_url: str | None, rate_limiter,
-                 fingerprint: str, run_id: str) -> None:
+    def __init__(self, spec: DatasetSpec, cache_index, filesystem, uri_prefix: str, base_url: str | None,
+                 rate_limiter, fingerprint: str, run_id: str) -> None:
         self.spec = spec
         self.index = cache_index
+        self.fs = filesystem
         self.prefix = uri_prefix
         self.kind = task_kind(spec.task, spec.teacher.coordinates)
         self.base_url, self.rate_limiter = base_url, rate_limiter
@@ -445,22 +449,35 @@ class LabelImages:
         if self.client is None:  # built on the actor's event loop, once
             self.client = TeacherClient(self.spec.teacher, self.kind, base_url=self.base_url,
                                         rate_limiter=self.rate_limiter)
-        rows = [self._prepare(data, path) for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist())]
+        paths = batch["path"].to_pylist()
+        contents = await asyncio.gather(*[asyncio.to_thread(self._read, path) for path in paths])
+        rows = [self._prepare(data, path) for data, path in zip(contents, paths)]
         answers = await asyncio.gather(*[self._ask(row) for row in rows])
         for row in answers:
             self.metrics.record_image(row["outcome"], requests=row["requests"], latency_s=row["latency_s"],
                                       reason=row["error"])
         return pa.Table.from_pylist(answers, schema=_OUTPUT_SCHEMA)
 
-    def _prepare(self, data: bytes, path: str) -> dict:
+    def _read(self, path: str) -> bytes | OSError:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.readall()
+        except OSError as e:  # gone since it was listed, unreadable: a failed row, not a failed job
+            return e
+
+    def _prepare(self, data: bytes | OSError, path: str) -> dict:
         images = self.spec.images
+        unreadable = isinstance(data, OSError)  # no content, so no image id: counted as failed, not logged
         row = {
-            "image_id": image_id(data), "source_uri": self.prefix + path, "width": 0, "height": 0, "split": "",
+            "image_id": "" if unreadable else image_id(data), "source_uri": self.prefix + path, "width": 0,
+            "height": 0, "split": "",
             "task": self.kind.name, "label": None, "teacher_model": self.spec.teacher.model,
             "teacher_fingerprint": self.fingerprint, "raw_answer": "", "status": "failed", "error": "",
             "attempts": 0, "latency_s": 0.0, "labelled_at": dt.datetime.now(dt.timezone.utc), "run_id": self.run_id,
             "requests": 0, "outcome": "failed",
         }
+        if unreadable:
+            return {**row, "error": f"cannot read the file: {data}"}
         row["split"] = self.spec.split.split_of(row["image_id"])
         entry = self.index.get(row["image_id"])
         if entry is not None and entry.ok:

@@ -197,6 +197,12 @@ class SimulatedTeacherSettings(_Strict):
     label_flip_rate: float = Field(default=0.05, ge=0, le=1, description="Chance that a class is swapped.")
     latency_s: float = Field(default=0.05, ge=0, description="Seconds each answer takes.")
     max_concurrency: int = Field(default=64, gt=0, description="Requests served at once; more wait in line.")
+    workers: int = Field(
+        default=1, gt=0,
+        description="Server processes sharing the port and the `max_concurrency` slots. One process answers about "
+        "a thousand requests a second on a fast core; a hosted teacher does not bind there, so a benchmark on many "
+        "cores needs more. Faults need one.",
+    )
     zero_shot_miss: dict[str, float] = Field(
         default_factory=dict,
         description="Extra chance, per class, to miss an object of that class when the request shows no "

@@ -237,6 +237,29 @@ def test_bad_images_become_failed_rows_with_reasons_and_never_reach_the_teacher(
     assert failed["bomb.png"].startswith("too_large") and "max_image_pixels" in failed["bomb.png"]
 
 
+def test_a_file_gone_since_it_was_listed_is_a_failed_image_not_a_failed_job(tmp_path, image_folder, teacher,
+                                                                            monkeypatch):
+    import jobs.label
+
+    listed = jobs.label.list_files
+
+    def list_one_more(*args):  # as if a file was deleted between the listing and its reading
+        fs, paths, prefix = listed(*args)
+        return fs, [*paths, str(image_folder / "deleted_meanwhile.png")], prefix
+
+    monkeypatch.setattr(jobs.label, "list_files", list_one_more)
+    spec = demo_spec(image_folder, teacher.base_url)
+    storage = StorageRoot(tmp_path / "store")
+    result = label_images(spec, storage, progress=False)
+
+    n_good = len(ground_truth_files(image_folder))
+    assert result.images == n_good + 1 and result.ok_new == n_good and result.failed == 1
+    assert result.failures == {"cannot read the file": 1}
+    assert len(teacher.log) == n_good
+    log = store_of(storage, spec).read_log()
+    assert log.num_rows == n_good and "" not in log["image_id"].to_pylist()  # nothing to key it by: not logged
+
+
 def test_empty_folder_is_a_clear_error(tmp_path, teacher):
     empty = tmp_path / "nothing"
     empty.mkdir()

@@ -100,3 +100,62 @@ def test_each_fault_looks_as_it_would_from_a_real_endpoint(demo_folder, kind):
         else:
             assert content.startswith("Sure!") and "```json" in content
     assert json.loads(again.json()["choices"][0]["message"]["content"])["points"]  # the next request is clean
+
+
+def test_several_workers_share_the_port_the_concurrency_cap_and_the_log(demo_folder):
+    """`--workers 3`: the answers are the same, the cap of 4 holds across the processes (12 requests of
+    0.3 s take three rounds), the log merges every worker's requests, and stopping ends every worker."""
+    import asyncio
+    import os
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "teacher", "serve", "--ground-truth", str(demo_folder), "--port", "0",
+         "--latency", "0.3", "--max-concurrency", "4", "--workers", "3", "--miss-rate", "0", "--false-positives",
+         "0", "--jitter", "0", "--label-flip-rate", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        url = proc.stdout.readline().rsplit(" ", 1)[1].strip()
+        files = ground_truth_files(demo_folder)[:12]
+        truth = {json.loads(line)["file"]: json.loads(line)["label"]["points"]
+                 for line in (demo_folder / "ground_truth.jsonl").open()}
+
+        async def ask(name: str) -> httpx.Response:
+            async with httpx.AsyncClient(timeout=30) as client:  # a connection each: the workers share them out
+                return await client.post(f"{url}/chat/completions",
+                                         json={"model": "m", "messages": _message((demo_folder / name).read_bytes())})
+
+        async def ask_all() -> list[httpx.Response]:
+            return await asyncio.gather(*[ask(name) for name in files])
+
+        asyncio.run(ask_all())  # every worker up and warm
+        httpx.post(url.replace("/v1", "/_simulator/reset"))
+        start = time.perf_counter()
+        answers = asyncio.run(ask_all())
+        elapsed = time.perf_counter() - start
+        for name, answer in zip(files, answers):
+            points = json.loads(answer.json()["choices"][0]["message"]["content"])["points"]
+            assert [(p["label"], p["x"], p["y"]) for p in points] == [
+                (p["label"], round(p["x"], 4), round(p["y"], 4)) for p in truth[name]]
+        assert elapsed >= 0.85, f"12 requests, 4 slots of 0.3 s: three rounds, not {elapsed:.2f} s"
+        log = httpx.get(url.replace("/v1", "/_simulator/log")).json()
+        assert sorted(e["image"] for e in log["requests"]) == sorted(files)
+        assert [e["n"] for e in log["requests"]] == list(range(12))
+        assert log["peak_concurrency"] == 4
+        workers = {e["worker"] for e in log["requests"]}
+        assert len(workers) > 1 and proc.pid not in workers
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_faults_need_a_single_worker(demo_folder):
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "teacher", "serve", "--ground-truth", str(demo_folder), "--port", "0",
+         "--workers", "2", "--fault", "prose:per_image=1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "use one worker (workers=1) with faults" in result.stderr

@@ -53,7 +53,7 @@ def teacher_fingerprint(spec: TeacherSpec, task: TaskKind, max_pixels: int) -> s
         "max_pixels": max_pixels,
     }
     if spec.kind == "simulated":  # the simulator's noise decides its answers
-        simulated = spec.simulated.model_dump(exclude={"latency_s", "max_concurrency", "host"})
+        simulated = spec.simulated.model_dump(exclude={"latency_s", "max_concurrency", "workers", "host"})
         if not simulated["zero_shot_miss"] and not simulated["zero_shot_flip"]:
             # without zero-shot rates, few-shot settings change no answer: labels made before they existed stay valid
             for key in ("zero_shot_miss", "zero_shot_flip", "example_gain"):

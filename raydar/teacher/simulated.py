@@ -35,9 +35,15 @@ import base64
 import hashlib
 import io
 import json
+import multiprocessing
+import multiprocessing.connection
+import os
 import random
+import shutil
+import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -99,6 +105,7 @@ class _Entry:
     retry_after_s: float | None = None
     examples: list[str | None] = field(default_factory=list)  # example images recognised (None: unknown)
     credit: dict[str, int] = field(default_factory=dict)  # class -> examples that correctly showed it
+    worker: int = field(default_factory=os.getpid)  # the process that answered
 
 
 class _GroundTruth:
@@ -126,6 +133,82 @@ class _GroundTruth:
         return self._by_payload[key]
 
 
+class _Slots:
+    """At most `max_concurrency` answers at once, in this process; counts the teacher's peak."""
+
+    def __init__(self, teacher: SimulatedTeacher) -> None:
+        self.teacher = teacher
+        self.semaphore = asyncio.Semaphore(teacher.settings.max_concurrency)
+
+    async def __aenter__(self) -> None:
+        await self.semaphore.acquire()
+        teacher = self.teacher
+        teacher._in_flight += 1
+        teacher.peak_concurrency = max(teacher.peak_concurrency, teacher._in_flight)
+
+    async def __aexit__(self, *exc) -> None:
+        self.teacher._in_flight -= 1
+        self.semaphore.release()
+
+
+class _SharedSlots:
+    """The same slots shared by forked worker processes. The semaphore is polled, so that a request waiting
+    for a slot never blocks its worker's event loop (and a cancelled one holds nothing)."""
+
+    def __init__(self, n: int, context) -> None:
+        self.semaphore = context.BoundedSemaphore(n)
+        self.counts = context.Array("i", 2)  # in flight, peak
+
+    @property
+    def peak(self) -> int:
+        return self.counts[1]
+
+    async def __aenter__(self) -> None:
+        delay = 0.0005
+        while not self.semaphore.acquire(block=False):
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.005)
+        with self.counts.get_lock():
+            self.counts[0] += 1
+            self.counts[1] = max(self.counts[1], self.counts[0])
+
+    async def __aexit__(self, *exc) -> None:
+        with self.counts.get_lock():
+            self.counts[0] -= 1
+        self.semaphore.release()
+
+
+class _Shared:
+    """What the worker processes of one simulator share: the slots, and the request log as one JSON-lines
+    file per worker in a temporary folder, merged in time order when read."""
+
+    def __init__(self, max_concurrency: int) -> None:
+        self.slots = _SharedSlots(max_concurrency, multiprocessing.get_context("fork"))
+        self.log_dir = Path(tempfile.mkdtemp(prefix="raydar-simulator-log-"))
+
+    def record(self, entry: _Entry) -> None:
+        with open(self.log_dir / f"{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps(asdict(entry)) + "\n")
+
+    def entries(self) -> list[dict]:
+        rows = [json.loads(line) for path in self.log_dir.glob("*.jsonl") for line in path.read_text().splitlines()]
+        rows.sort(key=lambda row: row["time"])
+        for n, row in enumerate(rows):
+            row["n"] = n
+        return rows
+
+    def reset(self) -> None:
+        for path in self.log_dir.glob("*.jsonl"):
+            path.write_text("")
+
+    def close(self) -> None:
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _payload_key(payload: str) -> str:
     return hashlib.sha1(payload.encode("ascii")).hexdigest()
 
@@ -149,6 +232,8 @@ class SimulatedTeacher:
     ) -> None:
         self.settings = settings or SimulatedTeacherSettings()
         self.faults = list(faults or [])
+        if self.faults and self.settings.workers > 1:
+            raise ValueError("faults are counted per image in one process: use one worker (workers=1) with faults")
         self.coordinates = coordinates
         self.known_models = known_models
         self.truth = _GroundTruth(ground_truth)
@@ -163,12 +248,15 @@ class SimulatedTeacher:
         self._sock.listen(2048)  # clients may connect as soon as the URL is known; they wait in the backlog
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://{self.settings.host}:{self.port}/v1"
+        self._shared = _Shared(self.settings.max_concurrency) if self.settings.workers > 1 else None
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     # lifecycle ------------------------------------------------------------
     def start(self) -> SimulatedTeacher:
+        if self._shared is not None:
+            raise ValueError("several workers run from serve_forever (`raydar teacher serve --workers N`), not start()")
         self._server = self._make_server()
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()
@@ -180,6 +268,32 @@ class SimulatedTeacher:
         return self
 
     def serve_forever(self) -> None:
+        """Serve until interrupted: in this process, or in `settings.workers` forked processes sharing the
+        socket, the concurrency slots and the log."""
+        if self._shared is None:
+            self._server = self._make_server()
+            self._server.run(sockets=[self._sock])
+            return
+        context = multiprocessing.get_context("fork")  # the children share the loaded ground truth
+        workers = [context.Process(target=self._serve_worker) for _ in range(self.settings.workers)]
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            for worker in workers:
+                worker.start()
+            multiprocessing.connection.wait([w.sentinel for w in workers])  # returns when any one ends
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            for worker in workers:
+                if worker.is_alive():
+                    worker.terminate()  # uvicorn shuts down on SIGTERM
+            for worker in workers:
+                worker.join(timeout=10)
+            self._shared.close()
+
+    def _serve_worker(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn installs its own
         self._server = self._make_server()
         self._server.run(sockets=[self._sock])
 
@@ -218,7 +332,7 @@ class SimulatedTeacher:
     # the HTTP app -----------------------------------------------------------
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="raydar simulated teacher (not a real model)")
-        semaphore = asyncio.Semaphore(self.settings.max_concurrency)
+        slots = self._shared.slots if self._shared is not None else _Slots(self)
 
         @app.get("/v1/models")
         async def models() -> dict:
@@ -227,57 +341,62 @@ class SimulatedTeacher:
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> JSONResponse:
-            try:
-                body = json.loads(await request.body())
-                model, prompt, images, shots = _read_request(body)
-            except (ValueError, KeyError, TypeError) as e:
-                return _error(400, f"bad request: {e}", "invalid_request_error")
-            entry = _Entry(len(self.log), time.time(), model, prompt, None, len(images), None, 200)
-            self.log.append(entry)
-            if self.known_models is not None and model not in self.known_models:
-                entry.status = 404
-                return _error(404, f"The model `{model}` does not exist", "model_not_found")
-            entry.examples, entry.credit = self._learn_from(shots)
-            index = self.truth.find(images[-1]) if images else None  # the question is about the last image
-            entry.image = self.truth.records[index]["file"] if index is not None else None
-            seen = self._seen.get(index, 0) if index is not None else None  # per-image faults: known images only
-            if index is not None:
-                self._seen[index] = seen + 1
-            fault = self._pick_fault(seen)
-            entry.fault = fault.kind if fault else None
-            async with semaphore:
-                self._in_flight += 1
-                self.peak_concurrency = max(self.peak_concurrency, self._in_flight)
-                try:
-                    if fault and fault.kind == "hang":
-                        await asyncio.sleep(fault.hang_s)
-                    await asyncio.sleep(self.settings.latency_s)
-                finally:
-                    self._in_flight -= 1
-            if fault and fault.kind == "rate_limit":
-                entry.status, entry.retry_after_s = 429, fault.retry_after_s
-                return _error(429, "Rate limit reached (simulated)", "rate_limit_exceeded",
-                              {"retry-after": f"{fault.retry_after_s:g}"})
-            if fault and fault.kind == "server_error":
-                entry.status = 500
-                return _error(500, "The server had an error (simulated)", "server_error")
-            answer = json.dumps(self._answer(index, entry.credit))
-            if fault and fault.kind == "malformed_json":
-                answer = answer[: max(1, len(answer) // 2)]  # cut off mid-way, as a truncated generation is
-            elif fault and fault.kind == "prose":
-                answer = f"Sure! Here is what I found in the image:\n```json\n{answer}\n```\nLet me know if you need more."
-            return JSONResponse(_completion(model, answer))
+            response, entry = await self._chat(request, slots)
+            if entry is not None and self._shared is not None:
+                self._shared.record(entry)
+            return response
 
         @app.get("/_simulator/log")
         async def read_log() -> dict:
+            if self._shared is not None:
+                return {"requests": self._shared.entries(), "peak_concurrency": self._shared.slots.peak}
             return {"requests": [asdict(e) for e in self.log], "peak_concurrency": self.peak_concurrency}
 
         @app.post("/_simulator/reset")
         async def reset() -> dict:
             self.reset_log()
+            if self._shared is not None:
+                self._shared.reset()
             return {"ok": True}
 
         return app
+
+    async def _chat(self, request: Request, slots) -> tuple[JSONResponse, _Entry | None]:
+        try:
+            body = json.loads(await request.body())
+            model, prompt, images, shots = _read_request(body)
+        except (ValueError, KeyError, TypeError) as e:
+            return _error(400, f"bad request: {e}", "invalid_request_error"), None
+        entry = _Entry(len(self.log), time.time(), model, prompt, None, len(images), None, 200)
+        self.log.append(entry)
+        if self.known_models is not None and model not in self.known_models:
+            entry.status = 404
+            return _error(404, f"The model `{model}` does not exist", "model_not_found"), entry
+        entry.examples, entry.credit = self._learn_from(shots)
+        index = self.truth.find(images[-1]) if images else None  # the question is about the last image
+        entry.image = self.truth.records[index]["file"] if index is not None else None
+        seen = self._seen.get(index, 0) if index is not None else None  # per-image faults: known images only
+        if index is not None:
+            self._seen[index] = seen + 1
+        fault = self._pick_fault(seen)
+        entry.fault = fault.kind if fault else None
+        async with slots:
+            if fault and fault.kind == "hang":
+                await asyncio.sleep(fault.hang_s)
+            await asyncio.sleep(self.settings.latency_s)
+        if fault and fault.kind == "rate_limit":
+            entry.status, entry.retry_after_s = 429, fault.retry_after_s
+            return _error(429, "Rate limit reached (simulated)", "rate_limit_exceeded",
+                          {"retry-after": f"{fault.retry_after_s:g}"}), entry
+        if fault and fault.kind == "server_error":
+            entry.status = 500
+            return _error(500, "The server had an error (simulated)", "server_error"), entry
+        answer = json.dumps(self._answer(index, entry.credit))
+        if fault and fault.kind == "malformed_json":
+            answer = answer[: max(1, len(answer) // 2)]  # cut off mid-way, as a truncated generation is
+        elif fault and fault.kind == "prose":
+            answer = f"Sure! Here is what I found in the image:\n```json\n{answer}\n```\nLet me know if you need more."
+        return JSONResponse(_completion(model, answer)), entry
 
     def _pick_fault(self, seen: int | None) -> Fault | None:
         for fault in self.faults:
@@ -421,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8001, help="0 picks a free port.")
     parser.add_argument("--latency", type=float, default=0.05, help="Seconds per answer.")
     parser.add_argument("--max-concurrency", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Server processes sharing the port and the concurrency cap (faults need one).")
     parser.add_argument("--miss-rate", type=float, default=0.05)
     parser.add_argument("--false-positives", type=float, default=0.2)
     parser.add_argument("--jitter", type=float, default=0.004)
@@ -440,10 +561,13 @@ def main(argv: list[str] | None = None) -> None:
         miss_rate=args.miss_rate, false_positives=args.false_positives, jitter=args.jitter,
         label_flip_rate=args.label_flip_rate, latency_s=args.latency, max_concurrency=args.max_concurrency,
         zero_shot_miss=dict(args.zero_shot_miss), zero_shot_flip=dict(args.zero_shot_flip),
-        example_gain=args.example_gain, seed=args.seed, host=args.host,
+        example_gain=args.example_gain, seed=args.seed, host=args.host, workers=args.workers,
     )
-    teacher = SimulatedTeacher(args.ground_truth, settings, [Fault.parse(f) for f in args.fault],
-                               coordinates=args.coordinates, port=args.port)
+    try:
+        teacher = SimulatedTeacher(args.ground_truth, settings, [Fault.parse(f) for f in args.fault],
+                                   coordinates=args.coordinates, port=args.port)
+    except ValueError as e:
+        parser.error(str(e))
     print(f"simulated teacher (not a real model) listening on {teacher.base_url}", flush=True)
     try:
         teacher.serve_forever()
