@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -45,6 +46,9 @@ def main() -> None:
     parser.add_argument("--simulator-workers", type=int, default=1,
                         help="Processes of the simulated teacher (teacher.simulated.workers): one answers about "
                         "1,000 requests/s on a fast core, so on many cores give it several, or it is the bound.")
+    parser.add_argument("--plain-processes", type=int, default=0,
+                        help="Also time N plain Python processes without Ray, each a share of the cap with the same "
+                        "client: what a hand-written multi-process script gets on this machine (0: skip).")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/raydar/bench"))
     args = parser.parse_args()
 
@@ -66,7 +70,11 @@ def main() -> None:
         seq_rate = asyncio.run(sequential(spec, folder, base_url, args.sequential_images))
         print(f"  sequential loop: {seq_rate:.1f} images/s", flush=True)
         cpu_per_image = asyncio.run(client_cpu_per_image(spec, folder, base_url))
-        print(f"  client CPU: {cpu_per_image * 1000:.1f} ms/image; raydar...", flush=True)
+        print(f"  client CPU: {cpu_per_image * 1000:.1f} ms/image", flush=True)
+        plain_rate = plain_processes(spec, folder, base_url, args.plain_processes, args.cap, args.images)
+        if plain_rate:
+            print(f"  {args.plain_processes} plain processes: {plain_rate:.1f} images/s", flush=True)
+        print("  raydar...", flush=True)
         spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"base_url": base_url})})
         with tempfile.TemporaryDirectory() as tmp:
             label_images(spec, StorageRoot(Path(tmp) / "warm"), limit=64, progress=False)  # worker processes
@@ -88,6 +96,7 @@ def main() -> None:
         (f"raydar, whole job incl. start-up ({actors})", raydar_rate),
         ("raydar, steady state (first to last teacher request)", steady_rate),
         ("sequential loop, same client", seq_rate),
+        *([(f"{args.plain_processes} plain processes, same client, no Ray", plain_rate)] if plain_rate else []),
         (f"bound: {binding}", bound),
     ]
     print()
@@ -99,9 +108,55 @@ def main() -> None:
     print(f"raydar / sequential = {raydar_rate / seq_rate:.1f}x whole job, {steady_rate / seq_rate:.1f}x steady "
           "(target >= 25x)")
     print(f"raydar / bound      = {raydar_rate / bound:.0%} whole job, {steady_rate / bound:.0%} steady (target >= 70%)")
+    if plain_rate:
+        print(f"raydar / plain      = {raydar_rate / plain_rate:.0%} whole job, {steady_rate / plain_rate:.0%} steady "
+              f"({args.plain_processes} processes without Ray)")
     first_request = times[0] - (time.time() - (time.perf_counter() - start))
     print(f"raydar wall time {raydar_s:.1f} s for {args.images} images; first teacher request after "
           f"{first_request:.1f} s (listing, planning, starting the actor pools)")
+
+
+def plain_processes(spec, folder: Path, base_url: str, n: int, cap: int, images: int) -> float:
+    """Images/s of `n` plain processes (spawned: this one runs Ray), each asking about its share of the
+    images with `cap / n` requests in flight through the same client; 0.0 for n = 0. Timed from a barrier
+    after each has warmed its connections, to the last answer."""
+    if not n:
+        return 0.0
+    files = [r["file"] for r in read_ground_truth(folder)[:images]]
+    context = multiprocessing.get_context("spawn")
+    barrier, done = context.Barrier(n + 1), context.Queue()
+    workers = [context.Process(target=_plain_worker, args=(spec, folder, base_url, files[i::n], -(-cap // n),
+                                                          barrier, done)) for i in range(n)]
+    for worker in workers:
+        worker.start()
+    barrier.wait()
+    start = time.perf_counter()
+    labelled = sum(done.get() for _ in workers)
+    elapsed = time.perf_counter() - start
+    for worker in workers:
+        worker.join()
+    assert labelled == len(files), f"{labelled} of {len(files)} labelled by the plain processes"
+    return labelled / elapsed
+
+
+def _plain_worker(spec, folder: Path, base_url: str, files: list[str], concurrency: int, barrier, done) -> None:
+    async def run() -> int:
+        teacher = spec.teacher.model_copy(update={"concurrency": concurrency})
+        client = TeacherClient(teacher, task_kind(spec.task, spec.teacher.coordinates), base_url=base_url)
+
+        async def one(name: str) -> bool:
+            data = (folder / name).read_bytes()
+            prepared = prepare_image(data, spec.images.max_pixels, spec.images.max_image_pixels)
+            payload, media_type = teacher_payload(data, prepared, spec.teacher.image_format)
+            return (await client.label(payload, *prepared.image.size, media_type)).ok
+
+        await asyncio.gather(*[one(name) for name in files[:concurrency]])  # warm the connections
+        barrier.wait()
+        ok = sum(await asyncio.gather(*[one(name) for name in files]))
+        await client.close()
+        return ok
+
+    done.put(asyncio.run(run()))
 
 
 def _simulator(base_url: str, path: str, method: str = "GET") -> dict:
