@@ -430,8 +430,8 @@ class teacher_endpoint:
 
 
 class LabelImages:
-    """Per batch: decode, validate, resize and hash each image (skipping the cached and the given up),
-    then ask the teacher about all of them at once. One row out per image in."""
+    """Per batch of paths: read (on threads), hash, decode, validate and resize each image (skipping the
+    cached and the given up), then ask the teacher about all of them at once. One row out per path in."""
 
     def __init__(self, spec: DatasetSpec, cache_index, filesystem, uri_prefix: str, base_url: str | None,
                  rate_limiter, fingerprint: str, run_id: str) -> None:

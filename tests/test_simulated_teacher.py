@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -143,13 +144,35 @@ def test_several_workers_share_the_port_the_concurrency_cap_and_the_log(demo_fol
         assert [e["n"] for e in log["requests"]] == list(range(12))
         assert log["peak_concurrency"] == 4
         workers = {e["worker"] for e in log["requests"]}
-        assert len(workers) > 1 and proc.pid not in workers
+        assert len(workers) > 1 and proc.pid not in workers  # a socket each: the connections spread
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_worker_that_dies_ends_the_server_with_an_error(demo_folder):
+    import os
+    from pathlib import Path
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "teacher", "serve", "--ground-truth", str(demo_folder), "--port", "0",
+         "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        proc.stdout.readline()
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 30
+        while len(children.read_text().split()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(int(children.read_text().split()[0]), signal.SIGKILL)
+        assert proc.wait(timeout=30) != 0  # not a server answering on half its workers as if all were well
+        assert "a worker of the simulated teacher ended (exit code -9)" in proc.stderr.read()
+    finally:
+        proc.kill()
 
 
 def test_faults_need_a_single_worker(demo_folder):

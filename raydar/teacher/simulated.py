@@ -205,6 +205,16 @@ class _Shared:
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
+def _listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)  # clients may connect as soon as the URL is known; they wait in the backlog
+    return sock
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -242,10 +252,7 @@ class SimulatedTeacher:
         self._in_flight = 0
         self._seen: dict[int, int] = {}
         self._rng = random.Random(self.settings.seed)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((self.settings.host, port))
-        self._sock.listen(2048)  # clients may connect as soon as the URL is known; they wait in the backlog
+        self._sock = _listening_socket(self.settings.host, port, reuse_port=self.settings.workers > 1)
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://{self.settings.host}:{self.port}/v1"
         self._shared = _Shared(self.settings.max_concurrency) if self.settings.workers > 1 else None
@@ -267,20 +274,31 @@ class SimulatedTeacher:
             time.sleep(0.01)
         return self
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, ready=None) -> None:
         """Serve until interrupted: in this process, or in `settings.workers` forked processes sharing the
-        socket, the concurrency slots and the log."""
+        port (one SO_REUSEPORT socket each, so the kernel spreads connections evenly over them), the
+        concurrency slots and the log. `ready()` is called once every socket listens."""
         if self._shared is None:
+            if ready is not None:
+                ready()
             self._server = self._make_server()
             self._server.run(sockets=[self._sock])
             return
         context = multiprocessing.get_context("fork")  # the children share the loaded ground truth
-        workers = [context.Process(target=self._serve_worker) for _ in range(self.settings.workers)]
+        listening = context.Barrier(self.settings.workers + 1)
+        workers = [context.Process(target=self._serve_worker, args=(i, listening))
+                   for i in range(self.settings.workers)]
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             for worker in workers:
                 worker.start()
-            multiprocessing.connection.wait([w.sentinel for w in workers])  # returns when any one ends
+            listening.wait(timeout=60)  # a connection made earlier would stay with the first worker
+            if ready is not None:
+                ready()
+            gone = multiprocessing.connection.wait([w.sentinel for w in workers])  # when any one ends
+            ended = next(w for w in workers if w.sentinel in gone)
+            ended.join(timeout=5)
+            raise RuntimeError(f"a worker of the simulated teacher ended (exit code {ended.exitcode})")
         except KeyboardInterrupt:
             pass
         finally:
@@ -292,10 +310,12 @@ class SimulatedTeacher:
                 worker.join(timeout=10)
             self._shared.close()
 
-    def _serve_worker(self) -> None:
+    def _serve_worker(self, index: int, listening) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn installs its own
+        sock = self._sock if index == 0 else _listening_socket(self.settings.host, self.port, reuse_port=True)
+        listening.wait(timeout=60)
         self._server = self._make_server()
-        self._server.run(sockets=[self._sock])
+        self._server.run(sockets=[sock])
 
     def stop(self) -> None:
         if self._server is not None:
@@ -568,9 +588,9 @@ def main(argv: list[str] | None = None) -> None:
                                    coordinates=args.coordinates, port=args.port)
     except ValueError as e:
         parser.error(str(e))
-    print(f"simulated teacher (not a real model) listening on {teacher.base_url}", flush=True)
     try:
-        teacher.serve_forever()
+        teacher.serve_forever(ready=lambda: print(f"simulated teacher (not a real model) listening on "
+                                                  f"{teacher.base_url}", flush=True))
     except KeyboardInterrupt:
         pass
     sys.exit(0)
