@@ -17,6 +17,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import queue
 import sys
 import tempfile
 import time
@@ -129,12 +130,24 @@ def plain_processes(spec, folder: Path, base_url: str, n: int, cap: int, images:
                                                           barrier, done)) for i in range(n)]
     for worker in workers:
         worker.start()
-    barrier.wait()
-    start = time.perf_counter()
-    labelled = sum(done.get() for _ in workers)
-    elapsed = time.perf_counter() - start
-    for worker in workers:
-        worker.join()
+    try:
+        barrier.wait(timeout=300)
+        start = time.perf_counter()
+        labelled = 0
+        for _ in workers:
+            while True:  # a worker that dies must not leave the bench waiting for ever
+                try:
+                    labelled += done.get(timeout=1)
+                    break
+                except queue.Empty:
+                    if any(w.exitcode not in (None, 0) for w in workers):
+                        raise RuntimeError("a plain process failed: its traceback is above") from None
+        elapsed = time.perf_counter() - start
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
     assert labelled == len(files), f"{labelled} of {len(files)} labelled by the plain processes"
     return labelled / elapsed
 

@@ -19,6 +19,8 @@ import collections
 import datetime as dt
 import json
 import logging
+import os
+import random
 import signal
 import subprocess
 import sys
@@ -426,7 +428,8 @@ class teacher_endpoint:
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)  # its own session: its worker processes too
+                self.process.wait()
 
 
 class LabelImages:
@@ -458,16 +461,26 @@ class LabelImages:
                                       reason=row["error"])
         return pa.Table.from_pylist(answers, schema=_OUTPUT_SCHEMA)
 
-    def _read(self, path: str) -> bytes | OSError:
-        try:
-            with self.fs.open_input_stream(path) as f:
-                return f.readall()
-        except OSError as e:  # gone since it was listed, unreadable: a failed row, not a failed job
-            return e
+    def _read(self, path: str, attempts: int = 5) -> bytes | FileNotFoundError:
+        """The file's bytes. A file gone since the listing is a failed row, not a failed job. The
+        transient errors Ray Data retries (S3's SLOW_DOWN, 503, ...) are retried with backoff here too;
+        any other error (no credentials, a path this node cannot see) fails the job, loudly."""
+        transient = ray.data.DataContext.get_current().retried_io_errors
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.fs.open_input_stream(path) as f:
+                    return f.readall()
+            except FileNotFoundError as e:
+                return e
+            except OSError as e:
+                if attempt == attempts or not any(message in str(e) for message in transient):
+                    raise
+                time.sleep(min(5.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))  # on a thread of its own
+        raise AssertionError("unreachable")
 
-    def _prepare(self, data: bytes | OSError, path: str) -> dict:
+    def _prepare(self, data: bytes | FileNotFoundError, path: str) -> dict:
         images = self.spec.images
-        unreadable = isinstance(data, OSError)  # no content, so no image id: counted as failed, not logged
+        unreadable = isinstance(data, FileNotFoundError)  # no content, no image id: counted as failed, not logged
         row = {
             "image_id": "" if unreadable else image_id(data), "source_uri": self.prefix + path, "width": 0,
             "height": 0, "split": "",
@@ -477,7 +490,7 @@ class LabelImages:
             "requests": 0, "outcome": "failed",
         }
         if unreadable:
-            return {**row, "error": f"cannot read the file: {data}"}
+            return {**row, "error": f"cannot read the file, gone since the listing: {data}"}
         row["split"] = self.spec.split.split_of(row["image_id"])
         entry = self.index.get(row["image_id"])
         if entry is not None and entry.ok:

@@ -254,7 +254,7 @@ def test_a_file_gone_since_it_was_listed_is_a_failed_image_not_a_failed_job(tmp_
 
     n_good = len(ground_truth_files(image_folder))
     assert result.images == n_good + 1 and result.ok_new == n_good and result.failed == 1
-    assert result.failures == {"cannot read the file": 1}
+    assert result.failures == {"cannot read the file, gone since the listing": 1}
     assert len(teacher.log) == n_good
     log = store_of(storage, spec).read_log()
     assert log.num_rows == n_good and "" not in log["image_id"].to_pylist()  # nothing to key it by: not logged
@@ -309,3 +309,37 @@ def test_job_killed_half_way_loses_no_stored_label_and_asks_only_for_the_rest(tm
     assert result.cached == len(stored_after_kill) and result.ok_total == len(all_files)
     final = {r["image_id"] for r in store.read_labels().to_pylist()}
     assert final == set(truth.values()) and stored_after_kill <= final
+
+
+class _ThrottledFilesystemSimulator:
+    """Stands in for an object store that throttles (S3's SLOW_DOWN, which moto does not produce): the
+    first `fail` opens of each file raise `error`, then the real local file is read."""
+
+    def __init__(self, error: OSError, fail: int) -> None:
+        import pyarrow.fs as pafs
+
+        self.local, self.error, self.fail, self.opens = pafs.LocalFileSystem(), error, fail, 0
+
+    def open_input_stream(self, path: str):
+        self.opens += 1
+        if self.opens <= self.fail:
+            raise self.error
+        return self.local.open_input_stream(path)
+
+
+def test_an_actor_retries_a_throttled_read_and_fails_loudly_on_any_other_error(image_folder):
+    from jobs.label import LabelImages
+
+    path = str(image_folder / ground_truth_files(image_folder)[0])
+    actor = LabelImages.__new__(LabelImages)  # only its reading, without Ray
+    actor.fs = _ThrottledFilesystemSimulator(OSError("AWS Error SLOW_DOWN during GetObject operation"), fail=2)
+    assert actor._read(path) == open(path, "rb").read() and actor.fs.opens == 3
+
+    actor.fs = _ThrottledFilesystemSimulator(PermissionError("AWS Error ACCESS_DENIED: no credentials"), fail=1)
+    with pytest.raises(PermissionError, match="ACCESS_DENIED"):  # every read would fail: not a failed row each
+        actor._read(path)
+    assert actor.fs.opens == 1
+
+    actor.fs = _ThrottledFilesystemSimulator(OSError("AWS Error SLOW_DOWN"), fail=10)
+    with pytest.raises(OSError, match="SLOW_DOWN"):
+        actor._read(path, attempts=2)

@@ -198,8 +198,11 @@ class _Shared:
         return rows
 
     def reset(self) -> None:
+        """Empty the log, and count the peak from now on."""
         for path in self.log_dir.glob("*.jsonl"):
             path.write_text("")
+        with self.slots.counts.get_lock():
+            self.slots.counts[1] = self.slots.counts[0]
 
     def close(self) -> None:
         shutil.rmtree(self.log_dir, ignore_errors=True)
@@ -303,12 +306,17 @@ class SimulatedTeacher:
             pass
         finally:
             signal.signal(signal.SIGTERM, previous)
-            for worker in workers:
-                if worker.is_alive():
-                    worker.terminate()  # uvicorn shuts down on SIGTERM
-            for worker in workers:
-                worker.join(timeout=10)
-            self._shared.close()
+            started = [w for w in workers if w.pid is not None]  # interrupted while forking: not all were
+            try:
+                for worker in started:
+                    if worker.is_alive():
+                        worker.terminate()  # uvicorn shuts down on SIGTERM
+                for worker in started:
+                    worker.join(timeout=10)
+                    if worker.is_alive():
+                        worker.kill()
+            finally:
+                self._shared.close()
 
     def _serve_worker(self, index: int, listening) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn installs its own
