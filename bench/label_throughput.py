@@ -32,7 +32,7 @@ from raydar.demo import make_demo_cells, read_ground_truth  # noqa: E402
 from raydar.images import prepare_image, teacher_payload  # noqa: E402
 from raydar.spec import load_spec  # noqa: E402
 from raydar.tasks import task_kind  # noqa: E402
-from raydar.teacher.client import TeacherClient  # noqa: E402
+from raydar.teacher.client import TeacherAnswer, TeacherClient  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[1] / "datasets" / "demo_cells.yaml"
 
@@ -157,15 +157,9 @@ def _plain_worker(spec, folder: Path, base_url: str, files: list[str], concurren
         teacher = spec.teacher.model_copy(update={"concurrency": concurrency})
         client = TeacherClient(teacher, task_kind(spec.task, spec.teacher.coordinates), base_url=base_url)
 
-        async def one(name: str) -> bool:
-            data = (folder / name).read_bytes()
-            prepared = prepare_image(data, spec.images.max_pixels, spec.images.max_image_pixels)
-            payload, media_type = teacher_payload(data, prepared, spec.teacher.image_format)
-            return (await client.label(payload, *prepared.image.size, media_type)).ok
-
-        await asyncio.gather(*[one(name) for name in files[:concurrency]])  # warm the connections
+        await asyncio.gather(*[ask(client, spec, folder / name) for name in files[:concurrency]])  # warm up
         barrier.wait()
-        ok = sum(await asyncio.gather(*[one(name) for name in files]))
+        ok = sum(a.ok for a in await asyncio.gather(*[ask(client, spec, folder / name) for name in files]))
         await client.close()
         return ok
 
@@ -187,10 +181,7 @@ async def client_cpu_per_image(spec, folder: Path, base_url: str, n: int = 400, 
     records = read_ground_truth(folder)[:n]
 
     async def one(record):
-        data = (folder / record["file"]).read_bytes()
-        prepared = prepare_image(data, spec.images.max_pixels, spec.images.max_image_pixels)
-        payload, media_type = teacher_payload(data, prepared, spec.teacher.image_format)
-        answer = await client.label(payload, *prepared.image.size, media_type)
+        answer = await ask(client, spec, folder / record["file"])
         assert answer.ok, answer.error
 
     await asyncio.gather(*[one(r) for r in records[:32]])  # warm the connections
@@ -209,14 +200,19 @@ async def sequential(spec, folder: Path, base_url: str, n: int) -> float:
     records = read_ground_truth(folder)[:n]
     start = time.perf_counter()
     for r in records:
-        data = (folder / r["file"]).read_bytes()
-        prepared = prepare_image(data, spec.images.max_pixels, spec.images.max_image_pixels)
-        payload, media_type = teacher_payload(data, prepared, spec.teacher.image_format)
-        answer = await client.label(payload, *prepared.image.size, media_type)
+        answer = await ask(client, spec, folder / r["file"])
         assert answer.ok, answer.error
     elapsed = time.perf_counter() - start
     await client.close()
     return len(records) / elapsed
+
+
+async def ask(client: TeacherClient, spec, path: Path) -> TeacherAnswer:
+    """What every side of the bench does per image, as the label job's actors do: read, prepare, ask."""
+    data = path.read_bytes()
+    prepared = prepare_image(data, spec.images.max_pixels, spec.images.max_image_pixels)
+    payload, media_type = teacher_payload(data, prepared, spec.teacher.image_format)
+    return await client.label(payload, *prepared.image.size, media_type)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from cluster.storage import list_files
 from raydar.demo import GROUND_TRUTH_FILE, make_demo_cells
 from raydar.images import ImageProblem, image_id, prepare_image, teacher_payload
 from raydar.labels import LABEL_SCHEMA, LabelStore, answered_row
+from raydar.signals import sigterm_as_interrupt
 from raydar.spec import DatasetSpec, SpecError, load_spec, parse_override
 from raydar.tasks import task_kind
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
@@ -219,7 +220,7 @@ def label_images(
         bar = tqdm(total=len(paths), desc=f"label {spec.name}", unit="img", disable=not progress, file=sys.stderr)
         metrics = LabelMetrics(spec.name, spec.teacher.model)  # the actors count; the driver sets images/s
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():  # `ray job stop`: the buffered rows are flushed
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     result = _count(result, batch)
                     logged = pc.and_(pc.is_in(batch["outcome"], pa.array(["ok", "failed"])),
@@ -347,26 +348,6 @@ class _LogWriter:
         self.pending, self.n_pending, self.last = [], 0, time.monotonic()
 
 
-class _sigterm_as_interrupt:
-    """`ray job stop` sends SIGTERM: turn it into KeyboardInterrupt so buffered rows are flushed."""
-
-    def __enter__(self):
-        self.previous = None
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-
 # ---------------------------------------------------------------- images and teacher
 
 
@@ -466,7 +447,8 @@ class LabelImages:
         transient errors Ray Data retries (S3's SLOW_DOWN, 503, ...) are retried with backoff here too;
         any other error (no credentials, a path this node cannot see) fails the job, loudly."""
         transient = ray.data.DataContext.get_current().retried_io_errors
-        for attempt in range(1, attempts + 1):
+        attempt = 1
+        while True:
             try:
                 with self.fs.open_input_stream(path) as f:
                     return f.readall()
@@ -475,8 +457,8 @@ class LabelImages:
             except OSError as e:
                 if attempt == attempts or not any(message in str(e) for message in transient):
                     raise
-                time.sleep(min(5.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))  # on a thread of its own
-        raise AssertionError("unreachable")
+            time.sleep(min(5.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))  # on a thread of its own
+            attempt += 1
 
     def _prepare(self, data: bytes | FileNotFoundError, path: str) -> dict:
         images = self.spec.images

@@ -57,6 +57,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from raydar.demo import read_ground_truth
+from raydar.signals import sigterm_as_interrupt
 from raydar.spec import SimulatedTeacherSettings
 from raydar.tasks import AnswerError, extract_json
 
@@ -134,20 +135,19 @@ class _GroundTruth:
 
 
 class _Slots:
-    """At most `max_concurrency` answers at once, in this process; counts the teacher's peak."""
+    """At most `n` answers at once, in this process; counts the peak."""
 
-    def __init__(self, teacher: SimulatedTeacher) -> None:
-        self.teacher = teacher
-        self.semaphore = asyncio.Semaphore(teacher.settings.max_concurrency)
+    def __init__(self, n: int) -> None:
+        self.semaphore = asyncio.Semaphore(n)
+        self.in_flight = self.peak = 0
 
     async def __aenter__(self) -> None:
         await self.semaphore.acquire()
-        teacher = self.teacher
-        teacher._in_flight += 1
-        teacher.peak_concurrency = max(teacher.peak_concurrency, teacher._in_flight)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
 
     async def __aexit__(self, *exc) -> None:
-        self.teacher._in_flight -= 1
+        self.in_flight -= 1
         self.semaphore.release()
 
 
@@ -218,10 +218,6 @@ def _listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socke
     return sock
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _payload_key(payload: str) -> str:
     return hashlib.sha1(payload.encode("ascii")).hexdigest()
 
@@ -251,14 +247,13 @@ class SimulatedTeacher:
         self.known_models = known_models
         self.truth = _GroundTruth(ground_truth)
         self.log: list[_Entry] = []
-        self.peak_concurrency = 0
-        self._in_flight = 0
         self._seen: dict[int, int] = {}
         self._rng = random.Random(self.settings.seed)
         self._sock = _listening_socket(self.settings.host, port, reuse_port=self.settings.workers > 1)
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://{self.settings.host}:{self.port}/v1"
         self._shared = _Shared(self.settings.max_concurrency) if self.settings.workers > 1 else None
+        self._slots = self._shared.slots if self._shared is not None else _Slots(self.settings.max_concurrency)
         self.app = self._build_app()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -291,21 +286,20 @@ class SimulatedTeacher:
         listening = context.Barrier(self.settings.workers + 1)
         workers = [context.Process(target=self._serve_worker, args=(i, listening))
                    for i in range(self.settings.workers)]
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            for worker in workers:
-                worker.start()
-            listening.wait(timeout=60)  # a connection made earlier would stay with the first worker
-            if ready is not None:
-                ready()
-            gone = multiprocessing.connection.wait([w.sentinel for w in workers])  # when any one ends
+            with sigterm_as_interrupt():  # terminated: stop the workers below
+                for worker in workers:
+                    worker.start()
+                listening.wait(timeout=60)  # a connection made earlier would stay with the first worker
+                if ready is not None:
+                    ready()
+                gone = multiprocessing.connection.wait([w.sentinel for w in workers])  # when any one ends
             ended = next(w for w in workers if w.sentinel in gone)
             ended.join(timeout=5)
             raise RuntimeError(f"a worker of the simulated teacher ended (exit code {ended.exitcode})")
         except KeyboardInterrupt:
             pass
         finally:
-            signal.signal(signal.SIGTERM, previous)
             started = [w for w in workers if w.pid is not None]  # interrupted while forking: not all were
             try:
                 for worker in started:
@@ -339,6 +333,11 @@ class SimulatedTeacher:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @property
+    def peak_concurrency(self) -> int:
+        """The most answers served at once (across the workers, since their last reset)."""
+        return self._slots.peak
+
     def reset_log(self) -> None:
         self.log.clear()
         self._seen.clear()
@@ -360,7 +359,6 @@ class SimulatedTeacher:
     # the HTTP app -----------------------------------------------------------
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="raydar simulated teacher (not a real model)")
-        slots = self._shared.slots if self._shared is not None else _Slots(self)
 
         @app.get("/v1/models")
         async def models() -> dict:
@@ -369,16 +367,15 @@ class SimulatedTeacher:
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> JSONResponse:
-            response, entry = await self._chat(request, slots)
+            response, entry = await self._chat(request)
             if entry is not None and self._shared is not None:
                 self._shared.record(entry)
             return response
 
         @app.get("/_simulator/log")
         async def read_log() -> dict:
-            if self._shared is not None:
-                return {"requests": self._shared.entries(), "peak_concurrency": self._shared.slots.peak}
-            return {"requests": [asdict(e) for e in self.log], "peak_concurrency": self.peak_concurrency}
+            entries = self._shared.entries() if self._shared is not None else [asdict(e) for e in self.log]
+            return {"requests": entries, "peak_concurrency": self.peak_concurrency}
 
         @app.post("/_simulator/reset")
         async def reset() -> dict:
@@ -389,7 +386,7 @@ class SimulatedTeacher:
 
         return app
 
-    async def _chat(self, request: Request, slots) -> tuple[JSONResponse, _Entry | None]:
+    async def _chat(self, request: Request) -> tuple[JSONResponse, _Entry | None]:
         try:
             body = json.loads(await request.body())
             model, prompt, images, shots = _read_request(body)
@@ -408,7 +405,7 @@ class SimulatedTeacher:
             self._seen[index] = seen + 1
         fault = self._pick_fault(seen)
         entry.fault = fault.kind if fault else None
-        async with slots:
+        async with self._slots:
             if fault and fault.kind == "hang":
                 await asyncio.sleep(fault.hang_s)
             await asyncio.sleep(self.settings.latency_s)
