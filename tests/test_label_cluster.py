@@ -64,6 +64,10 @@ def labelled(two_nodes, demo_folder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cluster") / "images"
     shutil.copytree(demo_folder, folder)
     teacher = start_teacher(folder)
+    context = ray.data.DataContext.get_current()
+    # Ray Data hands blocks to the first actor that is up: 40 images at 10 ms could all be labelled before
+    # the worker node's actor has imported its code. Have the pool wait for both, as a longer job would.
+    saved_wait, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
     try:
         spec = demo_spec(folder, teacher.base_url, **{"teacher.actors": 2, "teacher.concurrency": 4})
         storage = StorageRoot(folder.parent / "shared-store")
@@ -72,6 +76,7 @@ def labelled(two_nodes, demo_folder, tmp_path_factory):
         gauge = _wait_for(lambda: _sum(scrape(two_nodes.metrics_ports[:1]), "ray_raydar_label_images_per_second"),
                           lambda v: v > 0, timeout_s=10)
     finally:
+        context.wait_for_min_actors_s = saved_wait
         teacher.stop()
     return SimpleNamespace(spec=spec, storage=storage, result=result, folder=folder, requests=len(teacher.log),
                            images_per_s=gauge)
