@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import StorageRoot, connect  # noqa: E402
@@ -67,7 +69,8 @@ def main() -> None:
 
     capacity = args.cap / args.latency
     connect()
-    with teacher_endpoint(spec, str(folder)) as base_url:  # one simulator for every side
+    endpoint = teacher_endpoint(spec, str(folder))
+    with endpoint as base_url:  # one simulator for every side
         seq_rate = asyncio.run(sequential(spec, folder, base_url, args.sequential_images))
         print(f"  sequential loop: {seq_rate:.1f} images/s", flush=True)
         cpu_per_image = asyncio.run(client_cpu_per_image(spec, folder, base_url))
@@ -80,9 +83,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             label_images(spec, StorageRoot(Path(tmp) / "warm"), limit=64, progress=False)  # worker processes
             _simulator(base_url, "reset", method="POST")
+            simulator_cpu = _cpu_seconds(endpoint.process.pid)
             start = time.perf_counter()
             result = label_images(spec, StorageRoot(Path(tmp) / "store"), progress=False)
             raydar_s = time.perf_counter() - start
+            simulator_cpu = _cpu_seconds(endpoint.process.pid) - simulator_cpu
         times = sorted(r["time"] for r in _simulator(base_url, "log")["requests"])
     assert result.ok_new == args.images, result.summary()
     cpu_rate = cores / cpu_per_image
@@ -104,7 +109,8 @@ def main() -> None:
     for name, rate in rows:
         print(f"  {name:<52} {rate:8.1f} images/s")
     print(f"  (teacher capacity {capacity:.0f}/s; client CPU {cpu_per_image * 1000:.1f} ms/image -> "
-          f"{cpu_rate:.0f}/s on {cores} cores; the simulator shares these cores here)")
+          f"{cpu_rate:.0f}/s on {cores} cores; the simulator shares these cores here: it used "
+          f"{simulator_cpu / args.images * 1000:.2f} ms of CPU per image in raydar's run)")
     print()
     print(f"raydar / sequential = {raydar_rate / seq_rate:.1f}x whole job, {steady_rate / seq_rate:.1f}x steady "
           "(target >= 25x)")
@@ -164,6 +170,12 @@ def _plain_worker(spec, folder: Path, base_url: str, files: list[str], concurren
         return ok
 
     done.put(asyncio.run(run()))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process and its children (the simulator's worker processes)."""
+    process = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
 
 
 def _simulator(base_url: str, path: str, method: str = "GET") -> dict:
