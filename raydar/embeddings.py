@@ -119,8 +119,8 @@ class BlobColourTexture:
 
     On the bundled demo (200 images), 76 % of the 5 nearest neighbours have the same dominant cell
     kind and a count within 2 (chance: 28 %); see tests/test_kb.py. No weights, no download; about
-    10-20 ms per image on one core. For natural photos CLIP (`clip`) is the better choice when its
-    weights are on the machine.
+    9 ms per 224x224 image on one core of the 2-core CPU machine. For natural photos CLIP (`clip`) is
+    the better choice when its weights are on the machine.
     """
 
     name = DEFAULT_IMAGE_EMBEDDER
@@ -142,25 +142,30 @@ class BlobColourTexture:
         rgb = np.asarray(img, np.float32) / 255.0
         hsv = np.asarray(img.convert("HSV"), np.float32) / 255.0
         gray = rgb.mean(axis=2)
+        dark, bright = self._blobs(gray)
         blocks = {
-            "dark": self._blobs(1.0 - gray),
-            "bright": self._blobs(gray),
+            "dark": dark,
+            "bright": bright,
             "salient": self._salient_colour(rgb, hsv),
             "colour": self._colour(hsv),
             "texture": self._texture(gray),
         }
         return _unit(np.concatenate([blocks[k] * w for k, w in self.weights.items()]))
 
-    def _blobs(self, channel: np.ndarray) -> np.ndarray:
-        centred = channel - np.median(channel)
-        codes = []
+    def _blobs(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The blob codes of the darkness (1 - gray) and of the brightness. The darkness's difference of
+        Gaussians is the brightness's negated (both are centred on their median and the filters are
+        linear), so one set of filters serves both: half the embedder's time was these filters."""
+        centred = gray - np.median(gray)
+        codes: dict[int, list[np.ndarray]] = {-1: [], 1: []}
         for s in self.sigmas:
-            dog = (ndi.gaussian_filter(centred, s) - ndi.gaussian_filter(centred, 1.6 * s)) * s
-            peaks = dog == ndi.maximum_filter(dog, size=int(2 * s) + 1)
-            for t in self.contrasts:
-                count = np.count_nonzero(peaks & (dog > t))
-                codes.append(np.exp(-((np.log1p(count) - self.centres) ** 2) / (2 * 0.35**2)))
-        return _unit(np.concatenate(codes))
+            bright = (ndi.gaussian_filter(centred, s) - ndi.gaussian_filter(centred, 1.6 * s)) * s
+            for sign, dog in ((-1, -bright), (1, bright)):
+                peaks = dog == ndi.maximum_filter(dog, size=int(2 * s) + 1)
+                for t in self.contrasts:
+                    count = np.count_nonzero(peaks & (dog > t))
+                    codes[sign].append(np.exp(-((np.log1p(count) - self.centres) ** 2) / (2 * 0.35**2)))
+        return _unit(np.concatenate(codes[-1])), _unit(np.concatenate(codes[1]))
 
     @staticmethod
     def _salient_colour(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:

@@ -106,6 +106,36 @@ def test_without_extra_rates_examples_change_nothing(demo_folder):
     assert alone == shown
 
 
+def test_the_darkness_blobs_from_the_shared_filters_are_those_of_the_darkness_image(demo_folder):
+    """BlobColourTexture filters the brightness once and negates it for the darkness. Its codes must be the
+    ones filtering the darkness image (1 - gray) itself gives, or vectors stored by an earlier version
+    would no longer compare with new queries."""
+    from scipy import ndimage as ndi
+
+    from raydar.embeddings import BlobColourTexture, _unit
+
+    embedder = BlobColourTexture()
+
+    def darkness_on_its_own(gray: np.ndarray) -> np.ndarray:
+        channel = 1.0 - gray
+        centred = channel - np.median(channel)
+        codes = []
+        for s in embedder.sigmas:
+            dog = (ndi.gaussian_filter(centred, s) - ndi.gaussian_filter(centred, 1.6 * s)) * s
+            peaks = dog == ndi.maximum_filter(dog, size=int(2 * s) + 1)
+            codes += [np.exp(-((np.log1p(np.count_nonzero(peaks & (dog > t))) - embedder.centres) ** 2) / (2 * 0.35**2))
+                      for t in embedder.contrasts]
+        return _unit(np.concatenate(codes))
+
+    for record in read_ground_truth(demo_folder)[:40]:
+        img = Image.open(demo_folder / record["file"]).convert("RGB").resize((embedder.side,) * 2,
+                                                                             Image.Resampling.BILINEAR)
+        gray = (np.asarray(img, np.float32) / 255.0).mean(axis=2)
+        dark, bright = embedder._blobs(gray)
+        assert np.array_equal(dark, darkness_on_its_own(gray)), record["file"]
+        assert not np.array_equal(dark, bright)
+
+
 def test_image_embedder_by_import_path_and_unknown_names():
     embedder = image_embedder("tests.test_rag:GreyHistogram")
     vectors = embedder.embed([Image.new("RGB", (10, 10), (200, 10, 10))])
