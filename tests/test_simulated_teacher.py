@@ -75,8 +75,10 @@ def test_an_unknown_image_gets_an_empty_answer_and_bad_requests_a_400(served):
     bad = httpx.post(f"{served}/chat/completions", json={"model": "m", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]}]})
     assert bad.status_code == 400 and "base64" in bad.json()["error"]["message"]
-    # the chat route is bare ASGI (no framework around it): it answers every malformed body itself
-    for body in (b"{not json", b"[1, 2]", b'{"model": "m", "messages": [{"role": "user", "content": [7]}]}'):
+    # the chat route is bare ASGI (no framework around it): it answers malformed bodies itself, as 400s
+    not_an_image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+    for body in (b"{not json", b"[1, 2]", b'{"model": "m", "messages": [{"role": "user", "content": [7]}]}',
+                 json.dumps({"model": "m", "messages": [not_an_image]}).encode()):
         reply = httpx.post(f"{served}/chat/completions", content=body, headers={"content-type": "application/json"})
         assert reply.status_code == 400 and reply.json()["error"]["message"].startswith("bad request: "), body
     assert httpx.get(f"{served}/chat/completions").status_code == 405

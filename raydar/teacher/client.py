@@ -148,7 +148,9 @@ class TeacherClient:
             # The client's own `post` rather than `chat.completions.create`: the same request, auth and
             # typed response, without re-walking a 100 kB message through the SDK's TypedDict transform
             # (half of the client's CPU per image), and the body made JSON by orjson rather than the SDK's
-            # json.dumps (0.4 ms of a 100 kB image's 3 ms; see bench/RESULTS.md).
+            # json.dumps (0.49 ms of a 100 kB image's 2.5-3 ms; see bench/RESULTS.md). With these options
+            # orjson takes numpy numbers and non-str keys as json.dumps did (a NaN, which json.dumps refused,
+            # would become null: the spec validates temperature, the only float sent).
             response = await self._client.post(
                 "/chat/completions",
                 content=orjson.dumps({
@@ -156,7 +158,7 @@ class TeacherClient:
                     "messages": messages,
                     "temperature": self.spec.temperature,
                     "max_tokens": self.spec.max_tokens,
-                }),
+                }, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY),
                 cast_to=ChatCompletion,
                 options={"security": {"bearer_auth": True}, "headers": {"Content-Type": "application/json"}},
             )

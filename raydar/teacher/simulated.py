@@ -396,8 +396,12 @@ class SimulatedTeacher:
         if self.known_models is not None and model not in self.known_models:
             entry.status = 404
             return *_error(404, f"The model `{model}` does not exist", "model_not_found"), entry
-        entry.examples, entry.credit = self._learn_from(shots)
-        index = self.truth.find(images[-1]) if images else None  # the question is about the last image
+        try:
+            entry.examples, entry.credit = self._learn_from(shots)
+            index = self.truth.find(images[-1]) if images else None  # the question is about the last image
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # not base64, not an image
+            entry.status = 400
+            return *_error(400, f"bad request: an image does not decode: {e}", "invalid_request_error"), entry
         entry.image = self.truth.records[index]["file"] if index is not None else None
         seen = self._seen.get(index, 0) if index is not None else None  # per-image faults: known images only
         if index is not None:
