@@ -157,15 +157,15 @@ class BlobColourTexture:
         Gaussians is the brightness's negated (both are centred on their median and the filters are
         linear), so one set of filters serves both: half the embedder's time was these filters."""
         centred = gray - np.median(gray)
-        codes: dict[int, list[np.ndarray]] = {-1: [], 1: []}
+        dark_codes, bright_codes = [], []
         for s in self.sigmas:
-            bright = (ndi.gaussian_filter(centred, s) - ndi.gaussian_filter(centred, 1.6 * s)) * s
-            for sign, dog in ((-1, -bright), (1, bright)):
-                peaks = dog == ndi.maximum_filter(dog, size=int(2 * s) + 1)
+            dog = (ndi.gaussian_filter(centred, s) - ndi.gaussian_filter(centred, 1.6 * s)) * s
+            for channel_dog, codes in ((-dog, dark_codes), (dog, bright_codes)):
+                peaks = channel_dog == ndi.maximum_filter(channel_dog, size=int(2 * s) + 1)
                 for t in self.contrasts:
-                    count = np.count_nonzero(peaks & (dog > t))
-                    codes[sign].append(np.exp(-((np.log1p(count) - self.centres) ** 2) / (2 * 0.35**2)))
-        return _unit(np.concatenate(codes[-1])), _unit(np.concatenate(codes[1]))
+                    count = np.count_nonzero(peaks & (channel_dog > t))
+                    codes.append(np.exp(-((np.log1p(count) - self.centres) ** 2) / (2 * 0.35**2)))
+        return _unit(np.concatenate(dark_codes)), _unit(np.concatenate(bright_codes))
 
     @staticmethod
     def _salient_colour(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:

@@ -148,9 +148,8 @@ class TeacherClient:
             # The client's own `post` rather than `chat.completions.create`: the same request, auth and
             # typed response, without re-walking a 100 kB message through the SDK's TypedDict transform
             # (half of the client's CPU per image), and the body made JSON by orjson rather than the SDK's
-            # json.dumps (0.49 ms of a 100 kB image's 2.5-3 ms; see bench/RESULTS.md). With these options
-            # orjson takes numpy numbers and non-str keys as json.dumps did (a NaN, which json.dumps refused,
-            # would become null: the spec validates temperature, the only float sent).
+            # json.dumps (0.49 ms of a 100 kB image's 2.5-3 ms; see bench/RESULTS.md); the SDK's default
+            # headers say it is JSON. The options take numpy numbers and non-str keys, as json.dumps did.
             response = await self._client.post(
                 "/chat/completions",
                 content=orjson.dumps({
@@ -160,7 +159,7 @@ class TeacherClient:
                     "max_tokens": self.spec.max_tokens,
                 }, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY),
                 cast_to=ChatCompletion,
-                options={"security": {"bearer_auth": True}, "headers": {"Content-Type": "application/json"}},
+                options={"security": {"bearer_auth": True}},
             )
         if not response.choices:
             raise AnswerError("the answer has no choices")
