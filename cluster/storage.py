@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 DEFAULT_ROOT = "~/.raydar"
@@ -56,6 +57,18 @@ def list_files(uri: str, extensions: list[str] | None = None) -> tuple[pafs.File
     ) if info.type != pafs.FileType.File else [info.path]
     prefix = "" if isinstance(fs, pafs.LocalFileSystem) else uri.split("://", 1)[0] + "://"
     return fs, paths, prefix
+
+
+def with_file_bytes(batch: pa.Table, source: str, column: str = "source_uri", into: str = "image") -> pa.Table:
+    """`batch` with the bytes of the file each row's `column` names (a path or URI under `source`'s
+    filesystem) added as `into`: a Ray Data map function. It lives here, with nothing heavier than pyarrow
+    around it, so that the Ray worker running it does not import what its caller's module imports."""
+    fs, _ = resolve(source)
+    data = []
+    for uri in batch[column].to_pylist():
+        with fs.open_input_stream(uri.split("://", 1)[-1]) as f:
+            data.append(f.read())
+    return batch.append_column(into, pa.array(data, pa.binary()))
 
 
 class StorageRoot:

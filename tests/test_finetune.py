@@ -61,11 +61,14 @@ def assert_learned(result) -> None:
     assert not any("visual" in n for n in weights)  # the vision tower stayed frozen
 
 
-@pytest.mark.parametrize(("workers", "stage"), [(1, 2), (2, 3)], ids=["1-worker-zero2", "2-workers-zero3"])
-def test_lora_loss_falls_and_adapter_changes(labelled, workers, stage):
-    spec = student_spec(workers=workers, deepspeed_stage=stage)
-    result = finetune(spec, labelled, run_name=f"w{workers}-z{stage}", report_every=2)
+def test_lora_loss_falls_and_adapter_changes_with_two_workers_under_zero3(labelled):
+    spec = student_spec(workers=2, deepspeed_stage=3)
+    result = finetune(spec, labelled, run_name="w2-z3", report_every=2)
     assert_learned(result)
+    assert_checkpoint_files(result)
+
+
+def assert_checkpoint_files(result) -> None:
     folder = Path(result.checkpoint)
     for name in ("adapter/adapter_config.json", "processor/processor_config.json", "spec.json", "metrics.json"):
         assert (folder / name).is_file(), name
@@ -100,15 +103,18 @@ def test_a_quantised_base_trains(labelled, bits):
     assert any(t.abs().sum() > 0 for n, t in adapter_weights(result.checkpoint).items() if "lora_B" in n)
 
 
-def test_a_worker_that_dies_mid_run_resumes_from_the_last_checkpoint(labelled):
+def test_lora_learns_on_one_worker_under_zero2_and_a_worker_that_dies_mid_run_resumes_from_the_last_checkpoint(
+        labelled):
+    """One run for both (a run is mostly start-up): the worker dies once at step 9, in the second epoch."""
     spec = student_spec(deepspeed_stage=2)
-    result = finetune(spec, labelled, run_name="dies", report_every=100, fail_at_step=9)  # 7 steps an epoch
-    epochs = [h["epoch"] for h in result.history]
-    steps = [h["step"] for h in result.history]
+    result = finetune(spec, labelled, run_name="dies", report_every=2, fail_at_step=9)  # 7 steps an epoch
+    per_epoch = [h for h in result.history if "val_loss" in h]
     assert labelled.exists("demo_cells", "train", "dies", "injected-failure")  # a worker did die at step 9
-    assert epochs == [0, 1], result.history  # epoch 0 was not trained again: resumed from its checkpoint
-    assert steps == [7, 14]  # the step count went on from the checkpoint
-    assert result.metrics["loss"] < result.metrics["first_loss"]
+    # epoch 0 was not trained again: resumed from its checkpoint, and the step count went on from there
+    assert [(h["epoch"], h["step"]) for h in per_epoch] == [(0, 7), (1, 14)], result.history
+    assert [h["step"] for h in result.history if "step_s" in h] == [2, 4, 6, 8, 10, 12, 14]
+    assert_learned(result)
+    assert_checkpoint_files(result)
 
 
 @pytest.mark.parametrize(
