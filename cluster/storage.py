@@ -59,16 +59,16 @@ def list_files(uri: str, extensions: list[str] | None = None) -> tuple[pafs.File
     return fs, paths, prefix
 
 
-def with_file_bytes(batch: pa.Table, source: str, column: str = "source_uri", into: str = "image") -> pa.Table:
-    """`batch` with the bytes of the file each row's `column` names (a path or URI under `source`'s
-    filesystem) added as `into`: a Ray Data map function. It lives here, with nothing heavier than pyarrow
-    around it, so that the Ray worker running it does not import what its caller's module imports."""
+def with_file_bytes(batch: pa.Table, source: str) -> pa.Table:
+    """`batch` with the bytes of the file each row's `source_uri` names (a path or URI under `source`'s
+    filesystem) added as column `image`: a Ray Data map function. It lives here, with nothing heavier than
+    pyarrow around it, so that the Ray worker running it does not import what its caller's module imports."""
     fs, _ = resolve(source)
     data = []
-    for uri in batch[column].to_pylist():
+    for uri in batch["source_uri"].to_pylist():
         with fs.open_input_stream(uri.split("://", 1)[-1]) as f:
             data.append(f.read())
-    return batch.append_column(into, pa.array(data, pa.binary()))
+    return batch.append_column("image", pa.array(data, pa.binary()))
 
 
 class StorageRoot:
