@@ -412,6 +412,10 @@ def train_student(config: dict) -> None:
             images += batch["input_ids"].shape[0]
             tokens += int(batch["attention_mask"].sum())
             if config["fail_at_step"] == step and rank == 0 and _first_failure(config["marker_dir"]):
+                # The controller takes a worker's queued report when it polls (every 2 s, see REPORT_INTERVAL_S):
+                # a worker dying sooner after its checkpoint's report would take the report with it. Waiting out
+                # two polls makes the test's restart resume from that checkpoint, as a later death would.
+                time.sleep(2 * REPORT_INTERVAL_S)
                 os._exit(1)  # a worker dying mid-run; Ray Train restarts the group from the last checkpoint
             if step % config["report_every"] == 0:
                 elapsed = time.perf_counter() - tick
