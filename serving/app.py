@@ -440,6 +440,7 @@ class EnsembleIngress:
         self.metrics = ServingMetrics(self.spec.name)
         self.stats = _Stats(list(self.members))
         self._adapters: tuple[float, dict] = (0.0, {})
+        self._registry_call: asyncio.Future | None = None
         self._handles: dict[str, Any] = {}
         self._counts: tuple[float, dict] = (0.0, {})
 
@@ -504,12 +505,31 @@ class EnsembleIngress:
             raise ApiError(status, code, f"image: {e}") from None
 
     # ---------------------------------------------------------- predict
-    async def adapter_uri(self, name: str | None) -> tuple[str, str]:
-        """(name, checkpoint URI) of an adapter, from FineTunedDetector's registry (cached for 2 s)."""
+    async def registry(self, timeout: float) -> dict:
+        """FineTunedDetector's {"default", "adapters", "model"}, asked again within `timeout`. Raises
+        TimeoutError or the call's error when no replica answers (one that died, its replacement loading)."""
+        if self._registry_call is None or self._registry_call.done():
+            self._registry_call = asyncio.ensure_future(self._fetch_registry())
+        # shielded: a request giving up does not cancel the call the next request will wait on
+        return await asyncio.wait_for(asyncio.shield(self._registry_call), timeout)
+
+    async def _fetch_registry(self) -> dict:
+        registry = await self.members["finetuned"].adapters.remote()
+        self._adapters = (time.monotonic(), registry)
+        return registry
+
+    async def adapter_uri(self, name: str | None, timeout: float) -> tuple[str, str]:
+        """(name, checkpoint URI) of an adapter. The registry known is used while it is under 2 s old; an
+        older one is still used when it names the adapter, and asked again in the background, so no request
+        waits on the registry while FineTunedDetector has no live replica. Only a name it does not know
+        (or no registry yet) waits, up to `timeout`."""
         at, registry = self._adapters
-        if time.monotonic() - at > 2.0 or (name and name not in registry.get("adapters", {})):
-            registry = await self.members["finetuned"].adapters.remote()
-            self._adapters = (time.monotonic(), registry)
+        known = bool(registry) and (name is None or name in registry["adapters"])
+        if known and time.monotonic() - at > 2.0 and (self._registry_call is None or self._registry_call.done()):
+            self._registry_call = asyncio.ensure_future(self._fetch_registry())
+            self._registry_call.add_done_callback(_quietly)  # a failure shows on the request that next waits
+        if not known:
+            registry = await self.registry(timeout)
         name = name or registry["default"]
         if name not in registry["adapters"]:
             raise ApiError(404, "unknown_adapter", f"no adapter {name!r}; GET /v1/models lists "
@@ -523,32 +543,51 @@ class EnsembleIngress:
         return self._handles[uri]
 
     async def ask_members(self, payload: bytes, adapter: str | None) -> dict[str, MemberResult]:
-        calls = {}
-        adapter_name = None
-        if "finetuned" in self.members:
-            adapter_name, uri = await self.adapter_uri(adapter)
-            calls["finetuned"] = self._adapter_handle(uri).detect.remote(payload)
-        elif adapter:
+        """Each member's answer within member_timeout_s from now. RAG is asked first: the student's call
+        may have to wait for the adapter registry."""
+        if adapter and "finetuned" not in self.members:
             raise ApiError(404, "unknown_adapter", "this endpoint serves no fine-tuned member")
-        if "rag" in self.members:
-            calls["rag"] = self.members["rag"].detect.remote(payload)
-        names = list(calls)
-        answers = await asyncio.gather(*[self._ask(name, calls[name]) for name in names])
-        results = dict(zip(names, answers))
-        if "finetuned" in results:
-            results["finetuned"].adapter = adapter_name
-        return results
-
-    async def _ask(self, name: str, response) -> MemberResult:
-        from ray.serve.exceptions import BackPressureError
-
         start = time.perf_counter()
         timeout = self.settings["member_timeout_s"]
+        rag = asyncio.ensure_future(self._ask(self.members["rag"].detect.remote(payload), timeout)) \
+            if "rag" in self.members else None
+        results = {}
+        if "finetuned" in self.members:
+            try:
+                results["finetuned"] = await self._ask_student(payload, adapter, timeout, start)
+            except ApiError:
+                if rag:
+                    rag.cancel()
+                raise
+        if rag:
+            results["rag"] = await rag
+        return results
+
+    async def _ask_student(self, payload: bytes, adapter: str | None, timeout: float, start: float) -> MemberResult:
+        try:
+            adapter_name, uri = await self.adapter_uri(adapter, timeout)
+        except asyncio.TimeoutError:
+            return MemberResult(status="timeout", error=f"adapter registry: no answer within {timeout:g} s",
+                                latency_ms=_ms(start))
+        except ApiError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the registry's replica failing: the member is left out
+            return MemberResult(status="failed", error=f"adapter registry: {_reason(e)}", latency_ms=_ms(start))
+        left = max(timeout - (time.perf_counter() - start), 0.001)
+        result = await self._ask(self._adapter_handle(uri).detect.remote(payload), left, start)
+        result.adapter = adapter_name
+        return result
+
+    async def _ask(self, response, timeout: float, start: float | None = None) -> MemberResult:
+        from ray.serve.exceptions import BackPressureError
+
+        start = time.perf_counter() if start is None else start
         try:
             out = await asyncio.wait_for(_awaited(response), timeout)
         except asyncio.TimeoutError:
             response.cancel()
-            return MemberResult(status="timeout", error=f"no answer within {timeout:g} s", latency_ms=_ms(start))
+            waited = self.settings["member_timeout_s"]
+            return MemberResult(status="timeout", error=f"no answer within {waited:g} s", latency_ms=_ms(start))
         except BackPressureError:
             return MemberResult(status="failed", error="overloaded: its queue is full", latency_ms=_ms(start))
         except Exception as e:  # a dead replica, the VLM failing, a bug: the member is left out, the request goes on
@@ -704,14 +743,27 @@ class EnsembleIngress:
 
     # ---------------------------------------------------------- the other endpoints
     async def models(self) -> dict:
+        """The members and their adapters; each member asked within member_timeout_s. The adapter registry
+        last known stands in for a FineTunedDetector with no live replica."""
+        timeout = self.settings["member_timeout_s"]
         members: dict[str, dict] = {}
         if "finetuned" in self.members:
-            registry = await self.members["finetuned"].adapters.remote()
-            self._adapters = (time.monotonic(), registry)
+            try:
+                registry = await self.registry(timeout)
+            except Exception as e:  # noqa: BLE001 - no live replica
+                registry = self._adapters[1]
+                if not registry:
+                    self.stats.record(503)
+                    raise ApiError(503, "unavailable", f"finetuned: adapter registry: {_reason(e)}") from None
             members["finetuned"] = {"model": registry["model"], "default_adapter": registry["default"],
                                     "adapters": sorted(registry["adapters"]), "weight": self.weights["finetuned"]}
         if "rag" in self.members:
-            members["rag"] = {**await self.members["rag"].describe.remote(), "weight": self.weights["rag"]}
+            try:
+                described = await asyncio.wait_for(_awaited(self.members["rag"].describe.remote()), timeout)
+            except Exception as e:  # noqa: BLE001
+                self.stats.record(503)
+                raise ApiError(503, "unavailable", f"rag: {_reason(e)}") from None
+            members["rag"] = {**described, "weight": self.weights["rag"]}
         return {"dataset": self.spec.name, "task": self.kind.name, "members": members,
                 "score_threshold": self.spec.serving.score_threshold,
                 "classes": list(getattr(self.spec.task, "ontology", {})) or list(getattr(self.spec.task, "targets", {}))}
@@ -911,6 +963,12 @@ def _validation_message(error: ValidationError) -> str:
 
 async def _awaited(response):
     return await response
+
+
+def _quietly(call: asyncio.Future) -> None:
+    """Retrieve a background call's error so asyncio does not log it as never retrieved."""
+    if not call.cancelled():
+        call.exception()
 
 
 def _ms(start: float) -> float:

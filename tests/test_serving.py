@@ -378,12 +378,21 @@ def test_a_member_killed_under_load_degrades_answers_and_the_endpoint_keeps_answ
                      if a["name"].startswith(f"SERVE_REPLICA::{APP}#FineTunedDetector#")]
         killed = time.monotonic()
         ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        # The ingress's adapter registry (kept 2 s) goes stale while the student has no live replica:
+        # /v1/models falls back on the last one known rather than waiting for the replacement.
+        time.sleep(2.5)
+        with served.client() as client:
+            models = client.get("/v1/models")
+        assert models.status_code == 200 and models.json()["members"]["finetuned"]["adapters"] == ["v1"], models.text
         # A replacement needs seconds to load the model, so a student answer to a request sent half a
         # second after the kill comes from the replacement, not from the replica being killed.
         back = load.wait_for(lambda sent, s, b: sent > killed + 0.5 and student_ok(s, b),
                              "answer from the student's replacement")
         time.sleep(2)  # requests sent once the replacement has answered
     assert all(s == 200 for *_, s, _ in load.answers), [(s, b) for *_, s, b in load.answers if s != 200]
+    # No request waits on the dead member longer than member_timeout_s, the adapter registry included.
+    slowest = max(t - sent for sent, t, *_ in load.answers)
+    assert slowest < served.args["member_timeout_s"] + 4, slowest
     after = [b for _, t, _, b in load.answers if t > killed]
     degraded = [b for b in after if b["degraded"]]
     # Requests for the killed member wait for its replacement up to member_timeout_s (8 s); on a quiet
