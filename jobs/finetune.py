@@ -14,8 +14,9 @@ decode, augment and run the processor ahead of the loop, which only pads. Loss o
 only (raydar.sft); warm-up then cosine decay. Every few steps it reports loss, learning rate, step
 time, throughput, data wait and memory (also to TensorBoard when installed); every epoch validation
 loss and a checkpoint (adapter as safetensors, head, processor, spec, metrics, history); the best
-and the last are kept. A worker that dies is replaced and the run resumes from its last checkpoint;
-so does a run started again with the same `--run-name`.
+and the last are kept, with DeepSpeed's checkpoint of the optimiser's state (each rank's partition). A
+worker that dies is replaced and the run resumes from its last checkpoint, optimiser included; so does a
+run started again with the same `--run-name`.
 """
 
 from __future__ import annotations
@@ -365,17 +366,22 @@ def train_student(config: dict) -> None:
     step, start_epoch, first_loss = 0, 0, None
     history: list[dict] = []  # every report, saved with each checkpoint: the report's loss curves
     first_step_at = None  # wall-clock time of this attempt's first optimiser step (submit-to-first-step)
+    resumed: dict = {}  # in this attempt's epoch reports when it went on from a checkpoint
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "trainable.pt", map_location="cpu", weights_only=True)
             meta = json.loads((Path(folder) / "metrics.json").read_text())
             saved = Path(folder) / "history.json"
             history = json.loads(saved.read_text()) if saved.is_file() else []
-        load_trainable(engine, state)
+            whole = load_training_state(engine, Path(folder), world)
+            if not whole:
+                state = torch.load(Path(folder) / "trainable.pt", map_location="cpu", weights_only=True)
         step, start_epoch, first_loss = meta["step"], meta["epoch"] + 1, meta.get("first_loss")
-        for _ in range(step):
-            scheduler.step()  # the learning rate goes on from where the checkpoint left it
+        resumed = {"resumed_from_step": step, "optimizer_restored": whole}
+        if not whole:  # the weights alone: AdamW's moments start again from zero
+            load_trainable(engine, state)
+            for _ in range(step):
+                scheduler.step()  # the learning rate goes on from where the checkpoint left it
 
     shards = {split: ray.train.get_dataset_shard(split) for split in ("train", "val")}
 
@@ -445,15 +451,17 @@ def train_student(config: dict) -> None:
         metrics = {
             "step": step, "epoch": epoch, "loss": sum(window) / max(1, len(window)), "first_loss": first_loss,
             "val_loss": sum(val_losses) / len(val_losses) if val_losses else float("nan"),
-            "learning_rate": scheduler.get_last_lr()[0], "peak_memory_mb": _peak_memory_mb(),
+            "learning_rate": scheduler.get_last_lr()[0], "peak_memory_mb": _peak_memory_mb(), **resumed,
         }
         _log(board, metrics)
         history.append(metrics)
         state = trainable_state(engine)  # every rank: ZeRO-3 gathers the partitioned weights collectively
         with tempfile.TemporaryDirectory() as folder:
+            save_training_state(engine, Path(folder), world)  # every rank: its part of the optimiser's state
             if rank == 0:
                 save_checkpoint(Path(folder), engine.module, processor, spec, state, metrics, history)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+            # Ray Train puts every rank's files in the one checkpoint folder.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         reported_at = time.monotonic()
         if config["max_steps"] and step >= config["max_steps"]:
             break
@@ -591,6 +599,38 @@ def load_trainable(engine, state: dict) -> None:
                                            enabled=engine.zero_optimization_stage() == 3):
         for name, p in params.items():
             p.data.copy_(state[name])
+
+
+TRAINING_STATE = "training_state"  # DeepSpeed's checkpoint in a run's checkpoint: optimiser, schedule, weights
+
+
+def save_training_state(engine, folder: Path, world: int) -> None:
+    """DeepSpeed's own checkpoint of the trainable weights, AdamW's moments and the schedule, under
+    `training_state/`: each rank writes its partition (ZeRO shards the optimiser's state), so a resumed run
+    takes up the optimiser where it stopped. Every rank must call it."""
+    engine.save_checkpoint(str(folder / TRAINING_STATE), tag="last", save_latest=False, exclude_frozen_parameters=True)
+    if engine.global_rank == 0:
+        layout = {"world_size": world, "zero_stage": engine.zero_optimization_stage()}
+        (folder / TRAINING_STATE / "layout.json").write_text(json.dumps(layout))
+
+
+def load_training_state(engine, folder: Path, world: int) -> bool:
+    """Whether the optimiser's state, the schedule and the trainable weights were restored from a
+    checkpoint's `training_state/`. They are not when it has none (a checkpoint from before it was saved)
+    or when it was written by another number of workers or ZeRO stage, whose partitions do not fit: the
+    caller then loads the weights alone."""
+    layout_file = folder / TRAINING_STATE / "layout.json"
+    if not layout_file.is_file():
+        return False
+    layout = json.loads(layout_file.read_text())
+    here = {"world_size": world, "zero_stage": engine.zero_optimization_stage()}
+    if layout != here:
+        print(f"resume: the optimiser's state was saved by {layout}, this run is {here}; "
+              "loading the weights alone (AdamW's moments start from zero)", flush=True)
+        return False
+    path, _ = engine.load_checkpoint(str(folder / TRAINING_STATE), tag="last", load_module_strict=False,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    return path is not None
 
 
 def save_checkpoint(folder: Path, student, processor, spec: DatasetSpec, state: dict, metrics: dict,
