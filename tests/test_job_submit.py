@@ -68,7 +68,7 @@ def head_node():
     yield env, url
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=15)
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:  # its GCS can take half a minute to exit; nothing of it is kept
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
