@@ -340,6 +340,18 @@ def train_student(config: dict) -> None:
     torch.set_num_threads(s.cpus_per_worker)  # the cores this worker reserved, no more, no fewer
     torch.manual_seed(0)
     student, _, processor = build_student(spec, config["model_path"], config["positive_weights"])
+    step, start_epoch, first_loss = 0, 0, None
+    history: list[dict] = []  # every report, saved with each checkpoint: the report's loss curves
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            meta = json.loads((Path(folder) / "metrics.json").read_text())
+            saved = Path(folder) / "history.json"
+            history = json.loads(saved.read_text()) if saved.is_file() else []
+            # Into the model before DeepSpeed wraps it: ZeRO's optimiser copies the weights it starts from (its
+            # fp32 master copy), and its first step would write that copy back over weights loaded afterwards.
+            load_trainable(student, torch.load(Path(folder) / "trainable.pt", map_location="cpu", weights_only=True))
+        step, start_epoch, first_loss = meta["step"], meta["epoch"] + 1, meta.get("first_loss")
 
     ds_config = json.loads((DEEPSPEED_CONFIGS / f"zero{s.deepspeed_stage}.json").read_text())
     ds_config.update(
@@ -363,23 +375,13 @@ def train_student(config: dict) -> None:
     )
     board = _summary_writer(config["log_dir"]) if rank == 0 else None
 
-    step, start_epoch, first_loss = 0, 0, None
-    history: list[dict] = []  # every report, saved with each checkpoint: the report's loss curves
     first_step_at = None  # wall-clock time of this attempt's first optimiser step (submit-to-first-step)
     resumed: dict = {}  # in this attempt's epoch reports when it went on from a checkpoint
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            meta = json.loads((Path(folder) / "metrics.json").read_text())
-            saved = Path(folder) / "history.json"
-            history = json.loads(saved.read_text()) if saved.is_file() else []
             whole = load_training_state(engine, Path(folder), world)
-            if not whole:
-                state = torch.load(Path(folder) / "trainable.pt", map_location="cpu", weights_only=True)
-        step, start_epoch, first_loss = meta["step"], meta["epoch"] + 1, meta.get("first_loss")
         resumed = {"resumed_from_step": step, "optimizer_restored": whole}
-        if not whole:  # the weights alone: AdamW's moments start again from zero
-            load_trainable(engine, state)
+        if not whole:  # the weights alone (loaded above): AdamW's moments start again from zero
             for _ in range(step):
                 scheduler.step()  # the learning rate goes on from where the checkpoint left it
 
@@ -591,14 +593,15 @@ def trainable_state(engine) -> dict:
         return {n: p.detach().clone().cpu() for n, p in params.items()}
 
 
-def load_trainable(engine, state: dict) -> None:
-    import deepspeed
-
-    params = {n: p for n, p in engine.module.named_parameters() if n in state}
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
-                                           enabled=engine.zero_optimization_stage() == 3):
-        for name, p in params.items():
-            p.data.copy_(state[name])
+def load_trainable(student, state: dict) -> None:
+    """The trainable weights of a checkpoint (`trainable_state`) into the student, before DeepSpeed wraps it."""
+    params = dict(student.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ValueError(f"trainable.pt: weights this student does not have: {', '.join(unknown[:5])}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
 
 
 TRAINING_STATE = "training_state"  # DeepSpeed's checkpoint in a run's checkpoint: optimiser, schedule, weights

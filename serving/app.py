@@ -744,25 +744,29 @@ class EnsembleIngress:
     # ---------------------------------------------------------- the other endpoints
     async def models(self) -> dict:
         """The members and their adapters; each member asked within member_timeout_s. The adapter registry
-        last known stands in for a FineTunedDetector with no live replica."""
+        last known stands in, after 2 s, for a FineTunedDetector with no live replica."""
         timeout = self.settings["member_timeout_s"]
         members: dict[str, dict] = {}
         if "finetuned" in self.members:
-            try:
-                registry = await self.registry(timeout)
+            try:  # a registry already known is worth at most 2 s of waiting for a fresher one
+                registry = await self.registry(min(timeout, 2.0) if self._adapters[1] else timeout)
             except Exception as e:  # noqa: BLE001 - no live replica
                 registry = self._adapters[1]
                 if not registry:
                     self.stats.record(503)
-                    raise ApiError(503, "unavailable", f"finetuned: adapter registry: {_reason(e)}") from None
+                    why = f"no answer within {timeout:g} s" if isinstance(e, asyncio.TimeoutError) else _reason(e)
+                    raise ApiError(503, "unavailable", f"finetuned: adapter registry: {why}") from None
             members["finetuned"] = {"model": registry["model"], "default_adapter": registry["default"],
                                     "adapters": sorted(registry["adapters"]), "weight": self.weights["finetuned"]}
         if "rag" in self.members:
+            call = self.members["rag"].describe.remote()
             try:
-                described = await asyncio.wait_for(_awaited(self.members["rag"].describe.remote()), timeout)
+                described = await asyncio.wait_for(_awaited(call), timeout)
             except Exception as e:  # noqa: BLE001
+                call.cancel()
                 self.stats.record(503)
-                raise ApiError(503, "unavailable", f"rag: {_reason(e)}") from None
+                why = f"no answer within {timeout:g} s" if isinstance(e, asyncio.TimeoutError) else _reason(e)
+                raise ApiError(503, "unavailable", f"rag: {why}") from None
             members["rag"] = {**described, "weight": self.weights["rag"]}
         return {"dataset": self.spec.name, "task": self.kind.name, "members": members,
                 "score_threshold": self.spec.serving.score_threshold,
@@ -775,6 +779,9 @@ class EnsembleIngress:
             try:
                 await asyncio.wait_for(_awaited(call), 2.0)
                 return "ready"
+            except asyncio.TimeoutError:
+                call.cancel()  # not left queued for a replica that is still starting
+                return "not ready: no answer within 2 s"
             except Exception as e:
                 return f"not ready: {_reason(e)}"
 

@@ -115,7 +115,8 @@ def test_a_quantised_base_trains(labelled, bits):
 
 def test_lora_learns_on_one_worker_under_zero2_and_a_worker_that_dies_mid_run_resumes_from_the_last_checkpoint(
         labelled):
-    """One run for both (a run is mostly start-up): the worker dies once at step 9, in the second epoch."""
+    """One run for both (a run is mostly start-up): the worker dies once at step 9, in the second epoch. Then
+    the run is started again under its name."""
     spec = student_spec(deepspeed_stage=2)
     result = finetune(spec, labelled, run_name="dies", report_every=2, fail_at_step=9)  # 7 steps an epoch
     per_epoch = [h for h in result.history if "val_loss" in h]
@@ -128,15 +129,28 @@ def test_lora_learns_on_one_worker_under_zero2_and_a_worker_that_dies_mid_run_re
     # report carries the time of its attempt's first step.
     starts = [h["first_step_at"] for h in steps]
     assert len(set(starts[:3])) == 1 and len(set(starts[3:])) == 1 and starts[3] > starts[0], starts
-    # The resumed attempt took up AdamW's moments and the schedule where epoch 0 left them, so the run goes on
-    # learning: its validation loss ends below epoch 0's. (With the weights alone, Adam's first steps were its
-    # largest again, and the validation loss ended above epoch 0's: 6.34 against 6.29.)
+    # The resumed attempt took up the weights, AdamW's moments and the schedule where epoch 0 left them, so the run
+    # goes on learning: its validation loss ends below epoch 0's (6.11, as without the death). Before, the weights
+    # alone were loaded, after DeepSpeed had copied the initial ones into its optimiser, which wrote those back at
+    # its first step: the validation loss ended above epoch 0's, 6.34 against 6.29.
     assert per_epoch[1]["resumed_from_step"] == 7 and per_epoch[1]["optimizer_restored"] is True, per_epoch
     assert "resumed_from_step" not in per_epoch[0]
     assert_learned(result)
     state = Path(result.checkpoint) / "training_state"
     assert json.loads((state / "layout.json").read_text()) == {"world_size": 1, "zero_stage": 2}
     assert list(state.glob("last/*optim_states.pt")), sorted(p.name for p in state.rglob("*"))
+
+    # Started again under the same name, for a third epoch and under ZeRO-3, it goes on from its last checkpoint.
+    # ZeRO-2's optimiser state does not fit ZeRO-3's partitions, so it takes the weights and the schedule's step.
+    more = finetune(student_spec(deepspeed_stage=3, epochs=3), labelled, run_name="dies", report_every=7)
+    per_epoch = [h for h in more.history if "val_loss" in h]
+    assert [(h["epoch"], h["step"]) for h in per_epoch] == [(0, 7), (1, 14), (2, 21)], more.history
+    assert per_epoch[2]["resumed_from_step"] == 14 and per_epoch[2]["optimizer_restored"] is False, per_epoch
+    assert more.metrics["first_loss"] == result.metrics["first_loss"]  # the same run's, kept in its checkpoint
+    # From the weights epoch 1 left. (Loaded after DeepSpeed had wrapped the model, they were overwritten by
+    # the optimiser's copy of the initial weights at the first step: validation loss 6.51, epoch 0's 6.29.)
+    assert per_epoch[2]["val_loss"] < per_epoch[0]["val_loss"], per_epoch
+    assert json.loads((Path(more.checkpoint) / "training_state" / "layout.json").read_text())["zero_stage"] == 3
     assert_checkpoint_files(result)
 
 
