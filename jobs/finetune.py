@@ -621,7 +621,7 @@ def load_training_state(engine, folder: Path, world: int) -> bool:
     """Whether the optimiser's state, the schedule and the trainable weights were restored from a
     checkpoint's `training_state/`. They are not when it has none (a checkpoint from before it was saved)
     or when it was written by another number of workers or ZeRO stage, whose partitions do not fit: the
-    caller then loads the weights alone."""
+    run then goes on from the weights alone (`trainable.pt`, loaded before DeepSpeed wrapped the model)."""
     layout_file = folder / TRAINING_STATE / "layout.json"
     if not layout_file.is_file():
         return False
@@ -629,7 +629,7 @@ def load_training_state(engine, folder: Path, world: int) -> bool:
     here = {"world_size": world, "zero_stage": engine.zero_optimization_stage()}
     if layout != here:
         print(f"resume: the optimiser's state was saved by {layout}, this run is {here}; "
-              "loading the weights alone (AdamW's moments start from zero)", flush=True)
+              "going on from the weights alone (AdamW's moments start from zero)", flush=True)
         return False
     path, _ = engine.load_checkpoint(str(folder / TRAINING_STATE), tag="last", load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
