@@ -22,6 +22,7 @@ run started again with the same `--run-name`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -340,18 +341,6 @@ def train_student(config: dict) -> None:
     torch.set_num_threads(s.cpus_per_worker)  # the cores this worker reserved, no more, no fewer
     torch.manual_seed(0)
     student, _, processor = build_student(spec, config["model_path"], config["positive_weights"])
-    step, start_epoch, first_loss = 0, 0, None
-    history: list[dict] = []  # every report, saved with each checkpoint: the report's loss curves
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            meta = json.loads((Path(folder) / "metrics.json").read_text())
-            saved = Path(folder) / "history.json"
-            history = json.loads(saved.read_text()) if saved.is_file() else []
-            # Into the model before DeepSpeed wraps it: ZeRO's optimiser copies the weights it starts from (its
-            # fp32 master copy), and its first step would write that copy back over weights loaded afterwards.
-            load_trainable(student, torch.load(Path(folder) / "trainable.pt", map_location="cpu", weights_only=True))
-        step, start_epoch, first_loss = meta["step"], meta["epoch"] + 1, meta.get("first_loss")
 
     ds_config = json.loads((DEEPSPEED_CONFIGS / f"zero{s.deepspeed_stage}.json").read_text())
     ds_config.update(
@@ -369,21 +358,33 @@ def train_student(config: dict) -> None:
     ds_config["scheduler"] = {"type": "WarmupCosineLR", "params": {
         "total_num_steps": max(total_steps, s.warmup_steps + 1), "warmup_num_steps": s.warmup_steps,
         "warmup_type": "linear", "cos_min_ratio": 0.1}}
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=ds_config,
-        dist_init_required=False,
-    )
-    board = _summary_writer(config["log_dir"]) if rank == 0 else None
 
-    first_step_at = None  # wall-clock time of this attempt's first optimiser step (submit-to-first-step)
+    step, start_epoch, first_loss = 0, 0, None
+    history: list[dict] = []  # every report, saved with each checkpoint: the report's loss curves
     resumed: dict = {}  # in this attempt's epoch reports when it went on from a checkpoint
+    checkpoint = ray.train.get_checkpoint()
+    # The checkpoint's folder (downloaded once, from remote storage) is read before and after DeepSpeed wraps the model.
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
+        if folder:
+            meta = json.loads((Path(folder) / "metrics.json").read_text())
+            saved = Path(folder) / "history.json"
+            history = json.loads(saved.read_text()) if saved.is_file() else []
+            # Into the model before DeepSpeed wraps it: ZeRO's optimiser copies the weights it starts from (its
+            # fp32 master copy), and its first step would write that copy back over weights loaded afterwards.
+            load_trainable(student, torch.load(Path(folder) / "trainable.pt", map_location="cpu", weights_only=True))
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=ds_config,
+            dist_init_required=False,
+        )
+        whole = bool(folder) and load_training_state(engine, Path(folder), world)
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            whole = load_training_state(engine, Path(folder), world)
+        step, start_epoch, first_loss = meta["step"], meta["epoch"] + 1, meta.get("first_loss")
         resumed = {"resumed_from_step": step, "optimizer_restored": whole}
         if not whole:  # the weights alone (loaded above): AdamW's moments start again from zero
             for _ in range(step):
                 scheduler.step()  # the learning rate goes on from where the checkpoint left it
+    board = _summary_writer(config["log_dir"]) if rank == 0 else None
+    first_step_at = None  # wall-clock time of this attempt's first optimiser step (submit-to-first-step)
 
     shards = {split: ray.train.get_dataset_shard(split) for split in ("train", "val")}
 

@@ -508,10 +508,15 @@ class EnsembleIngress:
     async def registry(self, timeout: float) -> dict:
         """FineTunedDetector's {"default", "adapters", "model"}, asked again within `timeout`. Raises
         TimeoutError or the call's error when no replica answers (one that died, its replacement loading)."""
+        # shielded: a request giving up does not cancel the call the next request will wait on
+        return await asyncio.wait_for(asyncio.shield(self._refresh_registry()), timeout)
+
+    def _refresh_registry(self) -> asyncio.Future:
+        """The registry call in flight, started if none is: one at a time, shared by every request."""
         if self._registry_call is None or self._registry_call.done():
             self._registry_call = asyncio.ensure_future(self._fetch_registry())
-        # shielded: a request giving up does not cancel the call the next request will wait on
-        return await asyncio.wait_for(asyncio.shield(self._registry_call), timeout)
+            self._registry_call.add_done_callback(_quietly)  # a failure shows on the request that next waits
+        return self._registry_call
 
     async def _fetch_registry(self) -> dict:
         registry = await self.members["finetuned"].adapters.remote()
@@ -525,9 +530,8 @@ class EnsembleIngress:
         (or no registry yet) waits, up to `timeout`."""
         at, registry = self._adapters
         known = bool(registry) and (name is None or name in registry["adapters"])
-        if known and time.monotonic() - at > 2.0 and (self._registry_call is None or self._registry_call.done()):
-            self._registry_call = asyncio.ensure_future(self._fetch_registry())
-            self._registry_call.add_done_callback(_quietly)  # a failure shows on the request that next waits
+        if known and time.monotonic() - at > 2.0:
+            self._refresh_registry()
         if not known:
             registry = await self.registry(timeout)
         name = name or registry["default"]
@@ -566,13 +570,11 @@ class EnsembleIngress:
     async def _ask_student(self, payload: bytes, adapter: str | None, timeout: float, start: float) -> MemberResult:
         try:
             adapter_name, uri = await self.adapter_uri(adapter, timeout)
-        except asyncio.TimeoutError:
-            return MemberResult(status="timeout", error=f"adapter registry: no answer within {timeout:g} s",
-                                latency_ms=_ms(start))
         except ApiError:
             raise
-        except Exception as e:  # noqa: BLE001 - the registry's replica failing: the member is left out
-            return MemberResult(status="failed", error=f"adapter registry: {_reason(e)}", latency_ms=_ms(start))
+        except Exception as e:  # noqa: BLE001 - no registry in time, or its replica failing: the member is left out
+            status = "timeout" if isinstance(e, asyncio.TimeoutError) else "failed"
+            return MemberResult(status=status, error=f"adapter registry: {_reason(e, timeout)}", latency_ms=_ms(start))
         left = max(timeout - (time.perf_counter() - start), 0.001)
         result = await self._ask(self._adapter_handle(uri).detect.remote(payload), left, start)
         result.adapter = adapter_name
@@ -583,9 +585,8 @@ class EnsembleIngress:
 
         start = time.perf_counter() if start is None else start
         try:
-            out = await asyncio.wait_for(_awaited(response), timeout)
+            out = await _within(response, timeout)
         except asyncio.TimeoutError:
-            response.cancel()
             waited = self.settings["member_timeout_s"]
             return MemberResult(status="timeout", error=f"no answer within {waited:g} s", latency_ms=_ms(start))
         except BackPressureError:
@@ -754,19 +755,15 @@ class EnsembleIngress:
                 registry = self._adapters[1]
                 if not registry:
                     self.stats.record(503)
-                    why = f"no answer within {timeout:g} s" if isinstance(e, asyncio.TimeoutError) else _reason(e)
-                    raise ApiError(503, "unavailable", f"finetuned: adapter registry: {why}") from None
+                    raise ApiError(503, "unavailable", f"finetuned: adapter registry: {_reason(e, timeout)}") from None
             members["finetuned"] = {"model": registry["model"], "default_adapter": registry["default"],
                                     "adapters": sorted(registry["adapters"]), "weight": self.weights["finetuned"]}
         if "rag" in self.members:
-            call = self.members["rag"].describe.remote()
             try:
-                described = await asyncio.wait_for(_awaited(call), timeout)
+                described = await _within(self.members["rag"].describe.remote(), timeout)
             except Exception as e:  # noqa: BLE001
-                call.cancel()
                 self.stats.record(503)
-                why = f"no answer within {timeout:g} s" if isinstance(e, asyncio.TimeoutError) else _reason(e)
-                raise ApiError(503, "unavailable", f"rag: {why}") from None
+                raise ApiError(503, "unavailable", f"rag: {_reason(e, timeout)}") from None
             members["rag"] = {**described, "weight": self.weights["rag"]}
         return {"dataset": self.spec.name, "task": self.kind.name, "members": members,
                 "score_threshold": self.spec.serving.score_threshold,
@@ -777,13 +774,10 @@ class EnsembleIngress:
         async def probe(name: str) -> str:
             call = self.members[name].adapters.remote() if name == "finetuned" else self.members[name].describe.remote()
             try:
-                await asyncio.wait_for(_awaited(call), 2.0)
+                await _within(call, 2.0)
                 return "ready"
-            except asyncio.TimeoutError:
-                call.cancel()  # not left queued for a replica that is still starting
-                return "not ready: no answer within 2 s"
             except Exception as e:
-                return f"not ready: {_reason(e)}"
+                return f"not ready: {_reason(e, 2.0)}"
 
         states = dict(zip(self.members, await asyncio.gather(*[probe(n) for n in self.members])))
         return all(s == "ready" for s in states.values()), states
@@ -968,8 +962,17 @@ def _validation_message(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
 
 
-async def _awaited(response):
-    return await response
+async def _within(response, timeout: float):
+    """A member's answer within `timeout` s. A call that takes longer is cancelled (not left queued for a
+    replica that is still starting) and raises TimeoutError."""
+    async def answer():
+        return await response
+
+    try:
+        return await asyncio.wait_for(answer(), timeout)
+    except asyncio.TimeoutError:
+        response.cancel()
+        raise
 
 
 def _quietly(call: asyncio.Future) -> None:
@@ -982,8 +985,11 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
-def _reason(error: Exception) -> str:
-    """One line on why a member failed: the original exception of a Ray task error, not its traceback."""
+def _reason(error: Exception, timeout: float | None = None) -> str:
+    """One line on why a member failed: the original exception of a Ray task error, not its traceback;
+    "no answer within `timeout` s" for a call that took longer."""
+    if isinstance(error, asyncio.TimeoutError) and timeout is not None:
+        return f"no answer within {timeout:g} s"
     cause = getattr(error, "cause", None) or error
     text = " ".join(str(cause).split()) or type(cause).__name__
     name = type(cause).__name__
