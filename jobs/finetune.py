@@ -43,7 +43,7 @@ import ray
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster import StorageRoot, connect
 from cluster.connect import embedded
@@ -156,6 +156,7 @@ def finetune(
     trainer = TorchTrainer(
         train_student,
         train_loop_config=config,
+        torch_config=TorchConfig(timeout_s=student.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=student.workers, use_gpu=student.use_gpu,
                                      resources_per_worker={"CPU": student.cpus_per_worker},
                                      placement_strategy=placement_strategy),
@@ -534,7 +535,7 @@ class Student(torch.nn.Module):
             return out.loss
         hidden = out.hidden_states[-1]
         if isinstance(self.head, PointsHead):  # trained on the head's loss alone (no answer text: see _make_examples)
-            outputs = self.head(image_token_maps(hidden, batch, self.model.config))
+            outputs = self.head.outputs(image_token_maps(hidden, batch, self.model.config))
             loss = self.head.loss(outputs, self.head.targets(labels, outputs))
             return loss if out.loss is None else out.loss + loss
         pooled = pool_hidden(hidden, batch["attention_mask"])

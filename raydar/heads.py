@@ -15,7 +15,7 @@
     loss = head.loss(head(pooled), head.targets(labels))
 
     head = head_for(spec.task, hidden_size, point_head=True)
-    maps = head(image_token_maps(outputs.hidden_states[-1], batch, model.config))
+    maps = head.outputs(image_token_maps(outputs.hidden_states[-1], batch, model.config))
     loss = head.loss(maps, head.targets(labels, maps))
 """
 
@@ -85,17 +85,23 @@ class PointsHead(nn.Module):
     def hidden_size(self) -> int:
         return self.net[0].in_channels
 
-    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """(3 + classes, rows, columns) per image: objectness logit, class logits, offset logits (x, y).
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """(images, 3 + classes, rows, columns) for the whole batch, each image's output zero-padded to the
+        largest grid at its right and bottom (what the 3x3 convolution's own padding gives each one alone);
+        `outputs` cuts them to their own grids.
 
-        One call of the network for the whole batch, the maps zero-padded to the largest grid at their
-        right and bottom (what the 3x3 convolution's own padding gives each one alone): under ZeRO-3 every
-        step must call the same modules the same number of times on every worker, whatever the batch."""
+        One call of the network and one tensor out, whatever the batch holds: under ZeRO-3 every worker
+        must fetch the same modules in the same order at every step, and DeepSpeed fetches a module again
+        in the backward pass for each tensor it returned (a list of one output per image made that count
+        follow the batch size, and workers with batches of different sizes waited on each other forever)."""
         rows = max(m.shape[1] for m in maps)
         cols = max(m.shape[2] for m in maps)
         padded = torch.stack([nn.functional.pad(m, (0, cols - m.shape[2], 0, rows - m.shape[1])) for m in maps])
-        out = self.net(padded.to(self.net[0].weight.dtype))
-        return [o[:, :m.shape[1], :m.shape[2]] for o, m in zip(out, maps)]
+        return self.net(padded.to(self.net[0].weight.dtype))
+
+    def outputs(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(3 + classes, rows, columns) per image: objectness logit, class logits, offset logits (x, y)."""
+        return [o[:, :m.shape[1], :m.shape[2]] for o, m in zip(self(maps), maps)]
 
     def targets(self, labels: list[dict], maps: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
         """Per image, on its output's grid: (is a centre here 0/1, class index or -100, offset in the cell)."""

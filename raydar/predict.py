@@ -127,7 +127,7 @@ class StudentDetector:
 
         inputs = self._prompt_inputs(images)
         hidden = self.network(**inputs, output_hidden_states=True).hidden_states[-1]
-        labels = self.head.predict(self.head(image_token_maps(hidden, inputs, self.network.config)))
+        labels = self.head.predict(self.head.outputs(image_token_maps(hidden, inputs, self.network.config)))
         return [{"label": label, "raw": "", "error": None,
                  "score": max((p["score"] for p in label["points"]), default=0.0)} for label in labels]
 

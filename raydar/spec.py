@@ -339,6 +339,11 @@ class StudentSpec(_Strict):
         "machine, its cores divided by `workers`."
     )
     use_gpu: bool = False
+    collective_timeout_s: int = Field(
+        default=600, gt=0, description="Seconds a training worker waits in one exchange with the others (weights, "
+        "gradients) before its attempt fails and the run restarts from its last checkpoint: a worker stuck or "
+        "gone costs this, not torch's 30 minutes. Raise it when one worker may lag the others longer."
+    )
 
 
 class KnowledgeBaseSpec(_Strict):

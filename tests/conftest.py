@@ -96,6 +96,9 @@ TEST_STUDENT = {
     "student.prompt": None,
     "student.augment": False,
     "student.lora.modules_to_save": [],
+    # A worker stuck in an exchange fails its attempt after 2 minutes (Ray Train restarts it from the last
+    # checkpoint), within the test's 10, not after torch's 30.
+    "student.collective_timeout_s": 120,
 }
 
 

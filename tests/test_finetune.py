@@ -110,6 +110,52 @@ def test_a_point_head_trains_beside_the_adapter_and_is_saved_whole_under_zero3(l
     assert isinstance(detector.head, PointsHead) and answer["error"] is None and answer["raw"] == ""
 
 
+ZERO3_STEPS = """
+import json, os, sys
+import deepspeed, torch
+from PIL import Image
+from jobs.finetune import DEEPSPEED_CONFIGS, build_student
+from raydar.models import resolve_base_model
+from raydar.sft import collate
+from tests.test_finetune import student_spec
+
+os.environ["LOCAL_RANK"] = "0"  # what a launcher (Ray Train's here) sets for DeepSpeed
+torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=sys.argv[1])
+spec = student_spec(deepspeed_stage=3, point_head=True)
+student, builder, processor = build_student(spec, str(resolve_base_model(spec.student.base_model, "qwen2_vl")))
+config = json.loads((DEEPSPEED_CONFIGS / "zero3.json").read_text())
+config.update(train_micro_batch_size_per_gpu=2, optimizer={"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}})
+engine, *_ = deepspeed.initialize(model=student, config=config, dist_init_required=False,
+                                  model_parameters=[p for p in student.parameters() if p.requires_grad])
+trace = engine.optimizer.parameter_offload.get_param_coordinator()
+image, label = Image.new("RGB", (96, 96), (200, 170, 210)), {"points": [{"label": "explicit", "x": 0.5, "y": 0.5}]}
+complete = []
+for images in (2, 2, 2, 1, 2):  # an epoch's short last batch, then the next epoch
+    batch = collate([builder.example(image) for _ in range(images)], processor.tokenizer.pad_token_id)
+    engine.backward(engine(batch, [label] * images))
+    engine.step()
+    complete.append(trace.is_complete_trace())
+print(json.dumps(complete))
+"""
+
+
+def test_under_zero3_a_step_fetches_the_same_modules_whatever_its_batch_size(tmp_path):
+    """Every ZeRO-3 worker must fetch the same modules in the same order at every step. Ray Data formats
+    batches on several threads, so an epoch's short last batch comes at a different step on each worker;
+    a step whose module order depended on its batch size left the workers waiting on each other for
+    torch's 30 minutes (CI, 2026-11-23: the point head returned one tensor per image, and DeepSpeed
+    fetches a module again in the backward pass for each tensor it returned). Here DeepSpeed's record of
+    the order (its trace), taken at the first full steps, must still hold after a one-image step."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ZERO3_STEPS, f"file://{tmp_path / 'rendezvous'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    complete = json.loads(done.stdout.strip().splitlines()[-1])
+    assert complete == [False, True, True, True, True], complete  # recorded at step 1, then held
+
+
 @pytest.mark.parametrize("bits", ["4bit", "8bit"], ids=["qlora-4bit", "lora-on-8bit"])
 def test_a_quantised_base_trains(labelled, bits):
     spec = student_spec(quantisation=bits, deepspeed_stage=0, epochs=1)

@@ -165,7 +165,7 @@ def test_point_head_learns_held_out_point_f1_rises(cell_maps):
 
     def f1() -> float:
         with torch.no_grad():
-            predicted = head.predict(head(test_maps))
+            predicted = head.predict(head.outputs(test_maps))
         assert all(0 <= p["x"] <= 1 and 0 <= p["y"] <= 1 and 0 <= p["score"] <= 1
                    for label in predicted for p in label["points"])
         return score(task, predicted, labels[90:])["overall"]["f1"]
@@ -175,7 +175,7 @@ def test_point_head_learns_held_out_point_f1_rises(cell_maps):
     head.train()
     for step in range(300):
         pick = [(step * 8 + k) % 90 for k in range(8)]
-        outputs = head([train_maps[i] for i in pick])
+        outputs = head.outputs([train_maps[i] for i in pick])
         loss = head.loss(outputs, head.targets([labels[i] for i in pick], outputs))
         optimiser.zero_grad()
         loss.backward()
@@ -235,7 +235,7 @@ def test_point_head_saves_and_loads(tmp_path):
     save_head(head, tmp_path)
     loaded = load_head(tmp_path)
     assert type(loaded) is PointsHead and loaded.threshold == 0.4 and loaded.classes == ["a", "b"]
-    assert torch.equal(loaded(maps)[0], head(maps)[0])
+    assert torch.equal(loaded.outputs(maps)[0], head.outputs(maps)[0])
 
 
 def test_a_point_head_needs_a_points_task():
@@ -250,7 +250,9 @@ def test_point_head_answers_each_image_as_alone_in_a_mixed_batch():
     torch.manual_seed(0)
     head = PointsHead(6, ["a", "b"], inner=8).eval()
     maps = [torch.randn(6, 3, 5), torch.randn(6, 4, 2), torch.randn(6, 4, 5)]
-    together = head(maps)
+    padded = head(maps)  # what the module returns: one tensor, every image padded to the largest grid
+    assert padded.shape == (3, 5, 4, 5)
+    together = head.outputs(maps)
     for m, out in zip(maps, together):
         assert out.shape == (5, *m.shape[1:])
-        assert torch.allclose(out, head([m])[0], atol=1e-6)
+        assert torch.allclose(out, head.outputs([m])[0], atol=1e-6)
