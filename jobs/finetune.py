@@ -53,7 +53,7 @@ from jobs.label import add_common_arguments, resolve_source, spec_from_args
 from raydar.heads import PointsHead, image_token_maps, pool_hidden
 from raydar.labels import LabelStore
 from raydar.models import resolve_base_model
-from raydar.spec import DatasetSpec, SpecError
+from raydar.spec import DatasetSpec, SpecError, StudentSpec
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
 
@@ -329,6 +329,27 @@ def _make_examples(batch: pa.Table, spec_json: str, model_path: str, augment: bo
 # ---------------------------------------------------------------- on each worker
 
 
+def deepspeed_config(student: StudentSpec, total_steps: int) -> dict:
+    """DeepSpeed's config for `student`: the ZeRO stage's file from cluster/deepspeed/,
+    the batch, AdamW and the warm-up + cosine schedule over `total_steps`."""
+    ds_config = json.loads((DEEPSPEED_CONFIGS / f"zero{student.deepspeed_stage}.json").read_text())
+    ds_config.update(
+        train_micro_batch_size_per_gpu=student.batch_size,
+        gradient_accumulation_steps=1,
+        optimizer={"type": "AdamW", "params": {"lr": student.learning_rate, "weight_decay": 0.0}},
+        bf16={"enabled": bool(student.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())},
+    )
+    if student.cpu_offload and student.deepspeed_stage in (2, 3):
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    # torch's AdamW, not DeepSpeed's fused ones: those compile C++/CUDA at first use (minutes, and a compiler
+    # on every worker), and LoRA's few parameters gain nothing from fusing.
+    ds_config["optimizer"]["params"]["torch_adam"] = True
+    ds_config["scheduler"] = {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": max(total_steps, student.warmup_steps + 1), "warmup_num_steps": student.warmup_steps,
+        "warmup_type": "linear", "cos_min_ratio": 0.1}}
+    return ds_config
+
+
 def train_student(config: dict) -> None:
     """The training loop of one Ray Train worker."""
     import deepspeed
@@ -343,22 +364,7 @@ def train_student(config: dict) -> None:
     torch.manual_seed(0)
     student, _, processor = build_student(spec, config["model_path"], config["positive_weights"])
 
-    ds_config = json.loads((DEEPSPEED_CONFIGS / f"zero{s.deepspeed_stage}.json").read_text())
-    ds_config.update(
-        train_micro_batch_size_per_gpu=s.batch_size,
-        gradient_accumulation_steps=1,
-        optimizer={"type": "AdamW", "params": {"lr": s.learning_rate, "weight_decay": 0.0}},
-        bf16={"enabled": bool(s.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())},
-    )
-    if s.cpu_offload and s.deepspeed_stage in (2, 3):
-        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    # torch's AdamW, not DeepSpeed's fused ones: those compile C++/CUDA at first use (minutes, and a compiler
-    # on every worker), and LoRA's few parameters gain nothing from fusing.
-    ds_config["optimizer"]["params"]["torch_adam"] = True
-    total_steps = config["total_steps"]
-    ds_config["scheduler"] = {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": max(total_steps, s.warmup_steps + 1), "warmup_num_steps": s.warmup_steps,
-        "warmup_type": "linear", "cos_min_ratio": 0.1}}
+    ds_config = deepspeed_config(s, config["total_steps"])
 
     step, start_epoch, first_loss = 0, 0, None
     history: list[dict] = []  # every report, saved with each checkpoint: the report's loss curves

@@ -586,9 +586,9 @@ class EnsembleIngress:
         start = time.perf_counter() if start is None else start
         try:
             out = await _within(response, timeout)
-        except asyncio.TimeoutError:
-            waited = self.settings["member_timeout_s"]
-            return MemberResult(status="timeout", error=f"no answer within {waited:g} s", latency_ms=_ms(start))
+        except asyncio.TimeoutError as e:
+            return MemberResult(status="timeout", error=_reason(e, self.settings["member_timeout_s"]),
+                                latency_ms=_ms(start))
         except BackPressureError:
             return MemberResult(status="failed", error="overloaded: its queue is full", latency_ms=_ms(start))
         except Exception as e:  # a dead replica, the VLM failing, a bug: the member is left out, the request goes on

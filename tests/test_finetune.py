@@ -114,7 +114,7 @@ ZERO3_STEPS = """
 import json, os, sys
 import deepspeed, torch
 from PIL import Image
-from jobs.finetune import DEEPSPEED_CONFIGS, build_student
+from jobs.finetune import build_student, deepspeed_config
 from raydar.models import resolve_base_model
 from raydar.sft import collate
 from tests.test_finetune import student_spec
@@ -123,9 +123,7 @@ os.environ["LOCAL_RANK"] = "0"  # what a launcher (Ray Train's here) sets for De
 torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=sys.argv[1])
 spec = student_spec(deepspeed_stage=3, point_head=True)
 student, builder, processor = build_student(spec, str(resolve_base_model(spec.student.base_model, "qwen2_vl")))
-config = json.loads((DEEPSPEED_CONFIGS / "zero3.json").read_text())
-config.update(train_micro_batch_size_per_gpu=2, optimizer={"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}})
-engine, *_ = deepspeed.initialize(model=student, config=config, dist_init_required=False,
+engine, *_ = deepspeed.initialize(model=student, config=deepspeed_config(spec.student, 5), dist_init_required=False,
                                   model_parameters=[p for p in student.parameters() if p.requires_grad])
 trace = engine.optimizer.parameter_offload.get_param_coordinator()
 image, label = Image.new("RGB", (96, 96), (200, 170, 210)), {"points": [{"label": "explicit", "x": 0.5, "y": 0.5}]}
