@@ -9,7 +9,8 @@ Four Serve applications side by side on one local Ray, behind the same ingress c
 its next request when the last is answered) at concurrency 1, 8 and 32 post demo images over HTTP on
 127.0.0.1 for `--seconds` each; then the fine-tuned member alone through its deployment handle (no
 proxy, no ingress), batching on and off. Printed: requests/s, p50/p99 latency, mean batch size and
-the members' own p50 per point; the ensemble's overhead at p50 over the student alone (target <= 15%),
+the members' own p50 per point, and the machine's CPU per request (every process, this one included) with
+the cores it kept busy; the ensemble's overhead at p50 over the student alone (target <= 15%),
 over its slowest member, and over the slower of the two members served alone through the same
 ingress; batching on/off throughput at concurrency 32 (target >= 2x), over HTTP and for the member
 alone. The RAG member's VLM is the *simulated* teacher in its own process (`--rag-latency`).
@@ -30,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cluster import StorageRoot, connect  # noqa: E402
@@ -164,7 +166,7 @@ def show(name: str, concurrency: int, r: dict) -> None:
     members = ", ".join(f"{m} {v:.0f} ms" for m, v in r["members"].items())
     print(f"  {name:24s} c={concurrency:<3d} {r['rps']:7.2f} req/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
           f"({r['n']} ok, {r['errors']} errors, {r['degraded']} degraded; mean batch {r['batch']:.1f}; "
-          f"member p50 {members})", flush=True)
+          f"member p50 {members}; CPU {r['cpu_ms']:.0f} ms/request, {r['cores_busy']:.2f} cores busy)", flush=True)
 
 
 async def closed_loop(send, images: list[bytes], concurrency: int, seconds: float) -> dict:
@@ -192,16 +194,26 @@ async def closed_loop(send, images: list[bytes], concurrency: int, seconds: floa
                 errors += 1
             i += concurrency
 
+    cpu = _busy_cpu_s()
     start = time.perf_counter()
     await asyncio.gather(*[client(k, start + seconds) for k in range(concurrency)])
     wall = time.perf_counter() - start
+    cpu = _busy_cpu_s() - cpu
     await send.close()
     latencies.sort()
     return {"n": len(latencies), "errors": errors, "degraded": degraded, "rps": len(latencies) / wall,
+            "cpu_ms": 1000 * cpu / max(1, len(latencies)), "cores_busy": cpu / wall,
             "batch": statistics.fmean(batches) if batches else 0.0,
             "members": {name: statistics.median(ms) for name, ms in member_ms.items()},
             "p50": 1000 * statistics.median(latencies) if latencies else float("nan"),
             "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan")}
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (every process: Ray's, the replicas, the simulated VLM, this
+    load generator), so a point's difference over its requests is what one request costs the machine."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
 def report(results: dict, args) -> None:
@@ -209,10 +221,12 @@ def report(results: dict, args) -> None:
     print(f"\nServe load, {args.images} demo images (224x224 PNG), student max {args.max_new_tokens} new tokens, "
           f"batches of up to {args.max_batch_size}, RAG VLM simulated at {args.rag_latency * 1000:.0f} ms, "
           f"{cores} cores, {args.seconds:g} s per point\n")
-    print(f"  {'what':24s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s}  members' p50")
+    print(f"  {'what':24s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'batch':>6s} "
+          f"{'CPU ms/req':>10s} {'cores busy':>10s}  members' p50")
     for (name, concurrency), r in sorted(results.items(), key=lambda kv: (kv[0][0].endswith(")"), kv[0][1], kv[0][0])):
         members = ", ".join(f"{m} {v:.0f}" for m, v in r["members"].items())
-        print(f"  {name:24s} {concurrency:4d} {r['rps']:8.2f} {r['p50']:8.1f} {r['p99']:8.1f} {r['batch']:6.1f}  {members}")
+        print(f"  {name:24s} {concurrency:4d} {r['rps']:8.2f} {r['p50']:8.1f} {r['p99']:8.1f} {r['batch']:6.1f} "
+              f"{r['cpu_ms']:10.1f} {r['cores_busy']:10.2f}  {members}")
     print()
     for concurrency in args.concurrency:
         ensemble, alone = results.get(("ensemble", concurrency)), results.get(("student", concurrency))
@@ -221,6 +235,10 @@ def report(results: dict, args) -> None:
             print(f"ensemble over the student alone at p50, concurrency {concurrency:2d}: "
                   f"{100 * (ensemble['p50'] / alone['p50'] - 1):+.0f}% (target <= +15%); over its slowest member "
                   f"({slowest:.0f} ms): {100 * (ensemble['p50'] / slowest - 1):+.0f}%")
+        if ensemble and alone:  # on a machine whose cores are all busy, a closed loop's latency follows this
+            print(f"  CPU per request, machine-wide: ensemble {ensemble['cpu_ms']:.0f} ms, student alone "
+                  f"{alone['cpu_ms']:.0f} ms ({ensemble['cpu_ms'] / alone['cpu_ms']:.2f}x); cores busy "
+                  f"{ensemble['cores_busy']:.2f} and {alone['cores_busy']:.2f} of {cores}")
         rag = results.get(("rag", concurrency))
         if ensemble and alone and rag:  # an ensemble answers when its slower member does: its cost is the rest
             name, slower = max((("student", alone), ("rag", rag)), key=lambda kv: kv[1]["p50"])

@@ -113,8 +113,9 @@ class ServeArgs(_Args):
                                     "(the answer is degraded).")
     batching: bool = Field(default=True, description="Group concurrent requests to the student into batches.")
     max_batch_size: int = Field(default=8, ge=1, description="Largest batch; more memory, more throughput.")
-    batch_wait_timeout_s: float = Field(default=0.05, ge=0, description="Longest wait for a batch to fill while "
-                                        "the student is busy; a request that finds it idle starts a batch at once.")
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0, description="Requests that find the student busy wait "
+                                        "for its batch to end and go together in the next; this is how much longer "
+                                        "that batch then waits to fill. A request that finds it idle starts at once.")
     max_new_tokens: int = Field(default=256, gt=0, description="Longest answer the student may generate.")
     device: str | None = Field(default=None, description="Torch device of the student; default cuda if present.")
     public_docs: bool = Field(default=True, description="Serve /docs and /openapi.json without the token "
@@ -224,7 +225,8 @@ class FineTunedDetector:
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._detect_batch.set_max_batch_size(max_batch_size)
         self.batch_wait_timeout_s = batch_wait_timeout_s
-        self._in_flight = 0  # requests inside detect()
+        self._in_flight = 0  # requests inside a batch, queued or running
+        self._batch_ended = asyncio.Event()  # set (and replaced) when a batch ends
 
     async def reconfigure(self, config: dict) -> None:
         """New adapters: the new default is loaded before it is switched to, so no request waits for it."""
@@ -252,26 +254,39 @@ class FineTunedDetector:
         uri = serve.get_multiplexed_model_id() or self.config.adapters[self.config.default]
         if self.batching:
             # Serve closes a batch `batch_wait_timeout_s` after its first request, even while the model is
-            # still busy with the last one; the closed batches then queue for the model. With a short wait
-            # a busy replica piles up batches of 2-3; a longer one lets a batch take in what arrives during
-            # the running one (16 of 16 at concurrency 32 against 4-5 with 10 ms, bench/RESULTS.md). A
-            # request that finds the replica idle has nothing to wait for: its batch starts at once.
-            self._detect_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s if self._in_flight else 0.0)
+            # still busy with the last one; the closed batches then queue for the model, each small. So a
+            # request that finds the model busy waits here for the running batch to end, and all that waited
+            # enter the next batch together (up to max_batch_size): the model takes in, each time it is
+            # free, everything that arrived while it ran. A request that finds it idle starts a batch at once.
+            busy = bool(self._in_flight)
+            if busy:
+                await self._batch_ended.wait()
+            self._detect_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s if busy else 0.0)
             self._in_flight += 1
             try:
                 return await self._detect_batch(uri, image)
             finally:
                 self._in_flight -= 1
+                if not self._in_flight:  # none left in a batch (one cancelled before it ran): nothing to wait for
+                    self._end_of_batch()
         async with self._one_at_a_time:
             return (await self._run(uri, [image]))[0]
+
+    def _end_of_batch(self) -> None:
+        """Let the requests that waited for the running batch go, together, into the next one."""
+        ended, self._batch_ended = self._batch_ended, asyncio.Event()
+        ended.set()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _detect_batch(self, uris: list[str], images: list[bytes]) -> list[dict]:
         results: list[dict] = [{}] * len(images)
-        for uri in dict.fromkeys(uris):  # one adapter per group
-            rows = [i for i, u in enumerate(uris) if u == uri]
-            for i, result in zip(rows, await self._run(uri, [images[i] for i in rows])):
-                results[i] = result
+        try:
+            for uri in dict.fromkeys(uris):  # one adapter per group
+                rows = [i for i, u in enumerate(uris) if u == uri]
+                for i, result in zip(rows, await self._run(uri, [images[i] for i in rows])):
+                    results[i] = result
+        finally:
+            self._end_of_batch()
         return results
 
     async def _run(self, uri: str, images: list[bytes]) -> list[dict]:
@@ -422,6 +437,10 @@ class EnsembleIngress:
         from raydar.feedback import FeedbackBuffer, FeedbackLog
         from raydar.tasks import task_kind
         from raydar.telemetry import ServingMetrics
+
+        # What detect() uses, imported now: raydar.fusion brings scipy and scikit-learn (1.2-1.7 s), which the
+        # replica pays before it is ready rather than the first request paying it.
+        from raydar import fusion  # noqa: F401
 
         self.spec = _spec(spec)
         self.kind = task_kind(self.spec.task)

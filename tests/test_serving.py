@@ -175,6 +175,28 @@ def test_a_lone_request_starts_its_batch_at_once_and_a_busy_student_waits_to_fil
         serve.delete("slowfill")
 
 
+def test_requests_that_arrive_while_a_batch_runs_go_together_in_the_next_one(served):
+    """No batch wait at all: the first of a burst finds the student idle and starts a batch at once; the rest
+    arrive while it runs and wait for it to end, then go in one batch, not in small ones queued behind it.
+    Each answer's batch_size says how many shared its batch, so the sum of 1 / batch_size counts the batches."""
+    from ray import serve
+
+    args = {**served.args, "members": ["finetuned"], "batch_wait_timeout_s": 0.0, "max_batch_size": 8}
+    try:
+        serve.run(build_app(args), name="nowait", route_prefix="/nowait")
+        handle = serve.get_deployment_handle("FineTunedDetector", app_name="nowait")
+        handle.detect.remote(served.image(0)).result(timeout_s=60)  # the adapter is loaded
+
+        async def burst():
+            return await asyncio.gather(*[handle.detect.remote(served.image(i)) for i in range(1, 8)])
+
+        sizes = [a["batch_size"] for a in asyncio.run(burst())]
+        assert round(sum(1 / s for s in sizes)) <= 2, sizes
+        assert max(sizes) >= 4, sizes
+    finally:
+        serve.delete("nowait")
+
+
 # ---------------------------------------------------------------- the documented API and its guards
 
 
