@@ -235,7 +235,7 @@ def report(results: dict, args) -> None:
             print(f"ensemble over the student alone at p50, concurrency {concurrency:2d}: "
                   f"{100 * (ensemble['p50'] / alone['p50'] - 1):+.0f}% (target <= +15%); over its slowest member "
                   f"({slowest:.0f} ms): {100 * (ensemble['p50'] / slowest - 1):+.0f}%")
-        if ensemble and alone:  # on a machine whose cores are all busy, a closed loop's latency follows this
+            # on a machine whose cores are all busy, a closed loop's latency follows this
             print(f"  CPU per request, machine-wide: ensemble {ensemble['cpu_ms']:.0f} ms, student alone "
                   f"{alone['cpu_ms']:.0f} ms ({ensemble['cpu_ms'] / alone['cpu_ms']:.2f}x); cores busy "
                   f"{ensemble['cores_busy']:.2f} and {alone['cores_busy']:.2f} of {cores}")
