@@ -191,12 +191,7 @@ def label_images(
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts ok / failed / cached
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no plan and start-up chatter on the console
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we know
-    # One batch per block of `concurrency` rows, four blocks per actor at once: while one block's requests
-    # are in flight the next ones are decoded and wait for the client's slots, so the actor keeps
-    # `concurrency` requests in flight between blocks too (with two, the actor sat idle while the executor
-    # handed over the next block: four gave 9-17% more images/s, bench/RESULTS.md). A block's rows reach the
-    # log when the whole block is answered: a killed run loses at most the four blocks per actor it holds.
-    rows_per_block = max(4, min(64, spec.teacher.concurrency))
+    rows_per_block = block_rows(spec.teacher.concurrency, len(paths), spec.teacher.actors)
     n_blocks = -(-len(paths) // rows_per_block)
     with teacher_endpoint(spec, dataset_source) as base_url:  # a simulator answers from the dataset's truth
         limiter = RateLimiter(spec.teacher.rate_per_s) if spec.teacher.rate_per_s else None
@@ -211,8 +206,8 @@ def label_images(
             batch_size=rows_per_block,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
-                size=min(spec.teacher.actors, n_blocks), max_concurrent_calls_per_actor=4,
-                max_tasks_in_flight_per_actor=4,
+                size=min(spec.teacher.actors, n_blocks), max_concurrent_calls_per_actor=BLOCKS_PER_ACTOR,
+                max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR,
             ),
             num_cpus=0.5,
         )
@@ -241,6 +236,23 @@ def label_images(
     metrics.record_throughput(result.images / result.duration_s)
     store.write_manifest(result.manifest(spec, started))
     return result
+
+
+# Each labelling actor holds two blocks of four rounds of its requests (`block_rows`). Ray Data hands an
+# actor its next block a median 21-28 ms after the last one ends and, with blocks of one round (`concurrency`
+# rows), kept 1.9 of 4 per actor in flight on average, so actors with few requests each sat idle between
+# blocks. With 8 requests per actor against a teacher that could take 320/s, the whole job went from
+# 151-164 to 178-183 images/s; at the bench's 32 per actor it was unchanged (bench/RESULTS.md). A block's
+# rows reach the log when the whole block is answered: a killed run loses at most two blocks per actor.
+ROUNDS_PER_BLOCK = 4
+BLOCKS_PER_ACTOR = 2
+MAX_BLOCK_ROWS = 256
+
+
+def block_rows(concurrency: int, images: int, actors: int) -> int:
+    """Rows per Ray Data block of paths: `ROUNDS_PER_BLOCK` rounds of an actor's `concurrency` requests, at
+    most `MAX_BLOCK_ROWS`, and small enough that every actor gets two blocks of a small job."""
+    return max(1, min(ROUNDS_PER_BLOCK * concurrency, MAX_BLOCK_ROWS, -(-images // (2 * actors))))
 
 
 FEEDBACK_MODEL = "user-feedback"  # teacher_model of a labelled row that a user's correction made

@@ -21,7 +21,7 @@ import pytest
 import ray
 
 from cluster import StorageRoot, connect
-from jobs.label import label_images
+from jobs.label import block_rows, label_images
 from raydar.labels import LabelStore
 from raydar.teacher.simulated import Fault
 from tests.conftest import REPO, demo_spec, ground_truth_files, start_teacher
@@ -191,6 +191,14 @@ def test_concurrency_cap_and_one_rate_for_the_whole_job(tmp_path, image_folder):
     assert times[-1] - times[0] >= 39 / 20.0 * 0.9  # 40 requests at 20/s across both actors
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     assert busiest <= 22
+
+
+def test_blocks_hold_four_rounds_of_an_actors_requests_and_give_every_actor_two_of_a_small_job():
+    assert block_rows(concurrency=32, images=2000, actors=2) == 128  # four rounds of 32
+    assert block_rows(concurrency=1, images=2000, actors=1) == 4
+    assert block_rows(concurrency=200, images=100_000, actors=8) == 256  # at most 256 rows held per block
+    assert block_rows(concurrency=32, images=40, actors=2) == 10  # 4 blocks: two per actor
+    assert block_rows(concurrency=8, images=1, actors=4) == 1
 
 
 # ---------------------------------------------------------------- bad images
