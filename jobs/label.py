@@ -251,8 +251,8 @@ MAX_BLOCK_ROWS = 256
 
 def block_rows(concurrency: int, images: int, actors: int) -> int:
     """Rows per Ray Data block of paths: `ROUNDS_PER_BLOCK` rounds of an actor's `concurrency` requests, at
-    most `MAX_BLOCK_ROWS`, and small enough that every actor gets two blocks of a small job."""
-    return max(1, min(ROUNDS_PER_BLOCK * concurrency, MAX_BLOCK_ROWS, -(-images // (2 * actors))))
+    most `MAX_BLOCK_ROWS`, and small enough that a small job still fills every actor's `BLOCKS_PER_ACTOR`."""
+    return max(1, min(ROUNDS_PER_BLOCK * concurrency, MAX_BLOCK_ROWS, -(-images // (BLOCKS_PER_ACTOR * actors))))
 
 
 FEEDBACK_MODEL = "user-feedback"  # teacher_model of a labelled row that a user's correction made
