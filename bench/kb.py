@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 
 from cluster import StorageRoot  # noqa: E402
 from jobs.index import embed_here, embed_on_ray  # noqa: E402
-from raydar.demo import make_demo_cells, read_ground_truth  # noqa: E402
+from raydar.demo import make_demo_cells  # noqa: E402
 from raydar.kb import KnowledgeBase, entries_from_labels  # noqa: E402
 from raydar.labels import LabelStore  # noqa: E402
+from raydar.sources import read_ground_truth  # noqa: E402
 from raydar.spec import load_spec  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[1] / "datasets" / "demo_cells.yaml"

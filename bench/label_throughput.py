@@ -29,12 +29,14 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster import StorageRoot, connect  # noqa: E402
-from jobs.label import label_images, teacher_endpoint  # noqa: E402
-from raydar.demo import make_demo_cells, read_ground_truth  # noqa: E402
+from jobs.label import label_images  # noqa: E402
+from raydar.demo import make_demo_cells  # noqa: E402
 from raydar.images import prepare_image, teacher_payload  # noqa: E402
+from raydar.sources import read_ground_truth  # noqa: E402
 from raydar.spec import load_spec  # noqa: E402
-from raydar.tasks import task_kind  # noqa: E402
+from raydar.kinds import kind_of  # noqa: E402
 from raydar.teacher.client import TeacherAnswer, TeacherClient  # noqa: E402
+from raydar.teacher.launch import SimulatedTeacherProcess  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[1] / "datasets" / "demo_cells.yaml"
 
@@ -69,8 +71,8 @@ def main() -> None:
 
     capacity = args.cap / args.latency
     connect()
-    endpoint = teacher_endpoint(spec, str(folder))
-    with endpoint as base_url:  # one simulator for every side
+    simulator = SimulatedTeacherProcess(spec, str(folder))
+    with simulator as base_url:  # one simulator for every side
         seq_rate = asyncio.run(sequential(spec, folder, base_url, args.sequential_images))
         print(f"  sequential loop: {seq_rate:.1f} images/s", flush=True)
         cpu_per_image = asyncio.run(client_cpu_per_image(spec, folder, base_url))
@@ -83,11 +85,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             label_images(spec, StorageRoot(Path(tmp) / "warm"), limit=64, progress=False)  # worker processes
             _simulator(base_url, "reset", method="POST")
-            simulator_cpu = _cpu_seconds(endpoint.process.pid)
+            simulator_cpu = _cpu_seconds(simulator.process.pid)
             start = time.perf_counter()
             result = label_images(spec, StorageRoot(Path(tmp) / "store"), progress=False)
             raydar_s = time.perf_counter() - start
-            simulator_cpu = _cpu_seconds(endpoint.process.pid) - simulator_cpu
+            simulator_cpu = _cpu_seconds(simulator.process.pid) - simulator_cpu
         times = sorted(r["time"] for r in _simulator(base_url, "log")["requests"])
     assert result.ok_new == args.images, result.summary()
     cpu_rate = cores / cpu_per_image
@@ -161,7 +163,7 @@ def plain_processes(spec, folder: Path, base_url: str, n: int, cap: int, images:
 def _plain_worker(spec, folder: Path, base_url: str, files: list[str], concurrency: int, barrier, done) -> None:
     async def run() -> int:
         teacher = spec.teacher.model_copy(update={"concurrency": concurrency})
-        client = TeacherClient(teacher, task_kind(spec.task, spec.teacher.coordinates), base_url=base_url)
+        client = TeacherClient(teacher, kind_of(spec.task, spec.teacher.coordinates), base_url=base_url)
 
         await asyncio.gather(*[ask(client, spec, folder / name) for name in files[:concurrency]])  # warm up
         barrier.wait()
@@ -188,7 +190,7 @@ async def client_cpu_per_image(spec, folder: Path, base_url: str, n: int = 400, 
     """CPU seconds this process spends per image to prepare, encode, send and parse (the client side),
     measured with many requests in flight, against a teacher running in another process. The least of
     `rounds` rounds: other work on the machine only ever adds to it (one round swung 2.4-3.8 ms here)."""
-    kind = task_kind(spec.task, spec.teacher.coordinates)
+    kind = kind_of(spec.task, spec.teacher.coordinates)
     client = TeacherClient(spec.teacher, kind, base_url=base_url)
     records = read_ground_truth(folder)[:n]
 
@@ -208,7 +210,7 @@ async def client_cpu_per_image(spec, folder: Path, base_url: str, n: int = 400, 
 
 async def sequential(spec, folder: Path, base_url: str, n: int) -> float:
     """How the seed projects label: one image after another, each waiting for its answer."""
-    client = TeacherClient(spec.teacher, task_kind(spec.task, spec.teacher.coordinates), base_url=base_url)
+    client = TeacherClient(spec.teacher, kind_of(spec.task, spec.teacher.coordinates), base_url=base_url)
     records = read_ground_truth(folder)[:n]
     start = time.perf_counter()
     for r in records:

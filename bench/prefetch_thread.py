@@ -3,7 +3,7 @@
     .venv/bin/python bench/prefetch_thread.py
 
 The Ray Train worker trains on one thread and unpacks and pads the next batches on another
-(`jobs.finetune._ahead`). This bench times the same training steps (the bench student of
+(`jobs.finetune.prefetch_in_thread`). This bench times the same training steps (the bench student of
 `train_overhead.py`, batch 8, torch on --cpus threads) on a thread of their own while a second, live
 thread has unpacked and padded batches:
 
@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from jobs.finetune import build_student  # noqa: E402
-from raydar.demo import make_demo_cells, read_ground_truth  # noqa: E402
+from raydar.demo import make_demo_cells  # noqa: E402
 from raydar.models import resolve_base_model  # noqa: E402
 from raydar.sft import collate, pack_example, unpack_example  # noqa: E402
+from raydar.sources import read_ground_truth  # noqa: E402
 from raydar.spec import load_spec  # noqa: E402
+from raydar.student import build_student  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[1] / "datasets" / "demo_cells.yaml"
 

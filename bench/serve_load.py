@@ -36,9 +36,11 @@ from PIL import Image  # noqa: E402
 
 from cluster import StorageRoot, connect  # noqa: E402
 from jobs.index import index_labels  # noqa: E402
-from jobs.label import label_images, teacher_endpoint  # noqa: E402
-from raydar.demo import make_demo_cells, read_ground_truth  # noqa: E402
+from jobs.label import label_images  # noqa: E402
+from raydar.demo import make_demo_cells  # noqa: E402
+from raydar.sources import read_ground_truth  # noqa: E402
 from raydar.spec import load_spec  # noqa: E402
+from raydar.teacher.launch import SimulatedTeacherProcess  # noqa: E402
 from tests.conftest import teach_one_answer  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[1] / "datasets" / "demo_cells.yaml"
@@ -69,7 +71,7 @@ def main() -> None:
         overrides["knowledge_base.embedder"] = args.text_embedder
     connect(num_cpus=8)  # logical CPUs for placing the replicas; the machine's cores are what they are
     # The simulated VLM in a process of its own, as a real one would be: not sharing the load generator's GIL.
-    with teacher_endpoint(load_spec(SPEC, overrides=overrides), str(folder)) as teacher_url:
+    with SimulatedTeacherProcess(load_spec(SPEC, overrides=overrides), str(folder)) as teacher_url:
         overrides["teacher.base_url"] = teacher_url
         run(args, folder, overrides)
 
@@ -124,7 +126,7 @@ def run(args, folder: Path, overrides: dict) -> None:
             show(name, concurrency, results[name, concurrency])
     # The member alone through its deployment handle: no proxy, no ingress, just the student and its batching.
     for name in ("student", "student-nobatch"):
-        handle = serve.get_deployment_handle("FineTunedDetector", app_name=name).options(
+        handle = serve.get_deployment_handle("FineTunedMember", app_name=name).options(
             multiplexed_model_id=str(checkpoint))
         for concurrency in args.concurrency:
             key = (f"{name.replace('student', 'member')} (handle)", concurrency)
@@ -148,7 +150,7 @@ def http_sender(url: str, app: str):
 
 
 def handle_sender(handle):
-    """Calls FineTunedDetector.detect through a handle; its answer dressed as the endpoint's member result."""
+    """Calls FineTunedMember.detect through a handle; its answer dressed as the endpoint's member result."""
     async def send(image: bytes) -> tuple[int, dict]:
         start = time.perf_counter()
         out = await handle.detect.remote(image)

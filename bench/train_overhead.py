@@ -4,7 +4,7 @@
 
 Prints, from one run: the steady-state seconds per optimiser step of `jobs.finetune` (one Ray Train
 worker, DeepSpeed ZeRO stage --stage, the spec's LoRA) and of a single-process loop over the same
-student (`jobs.finetune.build_student`), the same examples and batch size, with torch's AdamW; their
+student (`raydar.student.build_student`), the same examples and batch size, with torch's AdamW; their
 ratio (target <= 1.10); seconds from submit (calling `finetune`) to the first optimiser step; and the
 share of the Ray path's step time spent waiting for the next batch (target < 5%).
 
@@ -33,12 +33,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cluster import StorageRoot, connect  # noqa: E402
-from jobs.finetune import build_student, finetune  # noqa: E402
+from jobs.finetune import finetune  # noqa: E402
 from jobs.label import label_images  # noqa: E402
 from raydar.labels import LabelStore  # noqa: E402
 from raydar.models import resolve_base_model  # noqa: E402
 from raydar.sft import collate  # noqa: E402
 from raydar.spec import load_spec  # noqa: E402
+from raydar.student import build_student  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[1] / "datasets" / "demo_cells.yaml"
 

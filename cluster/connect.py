@@ -8,8 +8,10 @@ a cluster finds the token in `$RAY_AUTH_TOKEN`, the file named by `$RAY_AUTH_TOK
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 from pathlib import Path
 
 import ray
@@ -19,7 +21,7 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 # Ray keeps as many idle worker processes as the node has CPUs and ends the rest after a second idle.
 # On a small machine that ends the Ray Data workers between two epochs (the training workers hold the
-# CPUs), and each pass then waits 5-7 s for fresh processes to import torch and transformers. An
+# CPUs), and each pass then waits seconds for fresh processes to import torch and transformers. An
 # embedded Ray keeps at least this many warm; set RAY_num_workers_soft_limit to choose (also for `ray start`).
 WARM_WORKERS = 8
 
@@ -64,7 +66,8 @@ def connect(
     _listen_on_loopback()
     # Ray's processes read it from the environment when they start.
     os.environ.setdefault("RAY_num_workers_soft_limit", str(max(WARM_WORKERS, num_cpus or os.cpu_count() or 1)))
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **quiet)
+    with _address_for_ray_processes():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **quiet)
     global _embedded_address
     _embedded_address = ray.get_runtime_context().gcs_address
     return _embedded_address
@@ -77,6 +80,33 @@ def embedded() -> bool:
     """Whether Ray here is the embedded local one `connect` started: its nodes are all it will ever have
     (no autoscaler adds any)."""
     return ray.is_initialized() and _embedded_address == ray.get_runtime_context().gcs_address
+
+
+@contextlib.contextmanager
+def _address_for_ray_processes():
+    """Start the embedded Ray on a chosen GCS port with `$RAY_ADDRESS` naming it, so that Ray's processes
+    and every worker inherit the address. Ray's helpers in workers that look Ray up by `$RAY_ADDRESS`, else
+    by the GCS processes on the machine (Ray Train's placement-group cleaner), would otherwise fail with
+    "Found multiple active Ray instances" while another embedded Ray runs. This process's own environment
+    is restored afterwards: a later `ray.init()` here must not join a Ray that has been shut down."""
+    port = os.environ.get("RAY_GCS_SERVER_PORT") or str(_free_loopback_port())
+    scoped = {"RAY_GCS_SERVER_PORT": port, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    saved = {name: os.environ.get(name) for name in scoped}
+    os.environ.update(scoped)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _listen_on_loopback() -> None:

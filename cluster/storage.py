@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 DEFAULT_ROOT = "~/.raydar"
@@ -23,8 +22,8 @@ def default_root() -> str:
     return os.environ.get("RAYDAR_STORAGE") or DEFAULT_ROOT
 
 
-def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI."""
+def _resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI, as raydar.sources.resolve (cluster/ imports nothing of ours)."""
     uri = str(uri)
     if "://" not in uri:
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
@@ -34,49 +33,12 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         raise ValueError(f"{uri}: not a storage URI pyarrow can open: {e}") from None
 
 
-def list_files(uri: str, extensions: list[str] | None = None) -> tuple[pafs.FileSystem, list[str], str]:
-    """Sorted files under `uri` (recursive) whose suffix is in `extensions`, skipping hidden files.
-
-    Returns (filesystem, paths, prefix), where prefix + path is the file's URI.
-    """
-    fs, root = resolve(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri}: no such folder")
-    if info.type == pafs.FileType.File:
-        entries = [info]
-    else:
-        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    wanted = {e.lower() for e in extensions} if extensions else None
-    paths = sorted(
-        e.path
-        for e in entries
-        if e.type == pafs.FileType.File
-        and not any(part.startswith(".") for part in Path(e.path).relative_to(root).parts if part)
-        and (wanted is None or Path(e.path).suffix.lower() in wanted)
-    ) if info.type != pafs.FileType.File else [info.path]
-    prefix = "" if isinstance(fs, pafs.LocalFileSystem) else uri.split("://", 1)[0] + "://"
-    return fs, paths, prefix
-
-
-def with_file_bytes(batch: pa.Table, source: str) -> pa.Table:
-    """`batch` with the bytes of the file each row's `source_uri` names (a path or URI under `source`'s
-    filesystem) added as column `image`: a Ray Data map function. It lives here, with nothing heavier than
-    pyarrow around it, so that the Ray worker running it does not import what its caller's module imports."""
-    fs, _ = resolve(source)
-    data = []
-    for uri in batch["source_uri"].to_pylist():
-        with fs.open_input_stream(uri.split("://", 1)[-1]) as f:
-            data.append(f.read())
-    return batch.append_column("image", pa.array(data, pa.binary()))
-
-
 class StorageRoot:
     """A folder (local or remote) where raydar keeps a dataset's outputs."""
 
     def __init__(self, uri: str | os.PathLike | None = None) -> None:
         self.uri = str(uri or default_root())
-        self.fs, self.path = resolve(self.uri)
+        self.fs, self.path = _resolve(self.uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
         self._scheme = "" if self.is_local else self.uri.split("://", 1)[0] + "://"
         # Filesystem options in the URI (s3://b/p?endpoint_override=...&scheme=http) carry over to child

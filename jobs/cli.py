@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "evaluate":
         from jobs.evaluate import main as run
     elif command == "submit":
-        from cluster.submit import main_submit as run
+        from jobs.submit import main_submit as run
     elif command == "status":
-        from cluster.submit import main_status as run
+        from jobs.submit import main_status as run
     elif command == "kb":
         from jobs.index import kb_main as run
     elif command == "teacher" and rest[:1] == ["serve"]:

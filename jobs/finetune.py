@@ -3,25 +3,25 @@
     raydar finetune --spec datasets/demo_cells.yaml
     ray job submit --working-dir . -- python -m jobs.finetune --spec datasets/demo_cells.yaml
 
-The driver checks everything a worker would trip over (the base model, the quantisation against
-the ZeRO stage, the labelled rows) before any worker starts. Each worker loads the base model
-(optionally 4-bit NF4 or 8-bit through bitsandbytes), puts LoRA on the language model (the vision
-tower stays frozen unless `student.lora.vision`), adds the task's head for multilabel and
-regression specs and the point head for points specs with `student.point_head` (trained on its
-own loss: the examples then carry no answer text), and trains under DeepSpeed ZeRO 0, 2 or 3 (configs in cluster/deepspeed/) on its
-shard of a Ray Data stream: the images are read once into the object store, and each epoch Ray tasks
-decode, augment and run the processor ahead of the loop, which only pads. Loss on the answer tokens
-only (raydar.sft); warm-up then cosine decay. Every few steps it reports loss, learning rate, step
-time, throughput, data wait and memory (also to TensorBoard when installed); every epoch validation
-loss and a checkpoint (adapter as safetensors, head, processor, spec, metrics, history); the best
-and the last are kept, with DeepSpeed's checkpoint of the optimiser's state (each rank's partition). A
-worker that dies is replaced and the run resumes from its last checkpoint, optimiser included; so does a
-run started again with the same `--run-name`.
+The driver checks everything a worker would trip over (the base model, the quantisation against the
+ZeRO stage, the labelled rows) before any worker starts. Each worker builds the student
+(raydar.student: the base model, optionally 4-bit NF4 or 8-bit through bitsandbytes, LoRA on the
+language model, the vision tower frozen unless `student.lora.vision`, the task's head for multilabel
+and regression specs and the point head for points specs with `student.point_head`, trained on its
+own loss: the examples then carry no answer text), and trains under DeepSpeed ZeRO 0, 2 or 3
+(configs in cluster/deepspeed/) on its shard of a Ray Data stream: the images are read once into the
+object store, and each epoch Ray tasks decode, augment and run the processor ahead of the loop,
+which only pads. Loss on the answer tokens only (raydar.sft); warm-up then cosine decay. Every few
+steps it reports loss, learning rate, step time, throughput, data wait and memory (also to
+TensorBoard when installed); every epoch validation loss and a checkpoint (raydar.checkpoint:
+adapter, head, processor, spec, metrics, history); the best and the last are kept, with DeepSpeed's
+checkpoint of the optimiser's state (each rank's partition). A worker that dies is replaced and the
+run resumes from its last checkpoint, optimiser included; so does a run started again with the same
+`--run-name`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,22 +45,25 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+import raydar.checkpoint
 from cluster import StorageRoot, connect
 from cluster.connect import embedded
-from cluster.storage import with_file_bytes
-from jobs.evaluate import default_run_name
-from jobs.label import add_common_arguments, resolve_source, spec_from_args
-from raydar.heads import PointsHead, image_token_maps, pool_hidden
+from jobs.arguments import job_parser, spec_from_args
+from raydar.checkpoint import (TRAIN_DIR, best_checkpoint, load_trainable, load_training_state, run_history,
+                               save_checkpoint, save_training_state, saved_history, saved_metrics, saved_trainable,
+                               trainable_state)
+from raydar.kinds import kind_of
 from raydar.labels import LabelStore
 from raydar.models import resolve_base_model
+from raydar.sources import resolve_source, with_file_bytes
 from raydar.spec import DatasetSpec, SpecError, StudentSpec
+from raydar.student import build_student, evaluation_mode
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raydar finetune", description=__doc__.split("\n")[0])
-    add_common_arguments(parser)
+    parser = job_parser("raydar finetune", __doc__)
     parser.add_argument("--run-name", default=None, help="Name of the run; the same name resumes it.")
     parser.add_argument("--max-steps", type=int, default=None, help="Stop after this many optimiser steps.")
     parser.add_argument("--no-evaluate", dest="evaluate", action="store_false",
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(result.summary(), flush=True)
     if args.evaluate and (result.best_checkpoint or result.checkpoint):
-        from jobs.evaluate import evaluate
+        from raydar.evaluation import evaluate
 
         scored = evaluate(spec, storage, checkpoint=result.best_checkpoint or result.checkpoint,
                           members=["base", "finetuned"], report=False, progress=not args.quiet)
@@ -110,13 +113,14 @@ def finetune(
     *,
     run_name: str | None = None,
     max_steps: int | None = None,
-    fail_at_step: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
     report_every: int = 5,
     placement_strategy: str = "PACK",
 ) -> FinetuneResult:
-    """Train the spec's student on its labelled rows. Ray must be up. `fail_at_step` kills a worker
-    once at that step (for the resume test). `placement_strategy` places the workers: PACK (fewest
-    nodes), SPREAD, or STRICT_SPREAD (one worker per node)."""
+    """Train the spec's student on its labelled rows. Ray must be up. `on_step(step, rank)` is called on
+    every worker after each optimiser step (a picklable callable: tests watch or stop the run with it).
+    `placement_strategy` places the workers: PACK (fewest nodes), SPREAD, or STRICT_SPREAD (one worker
+    per node)."""
     student = spec.student
     check_student(spec)
     check_resources(spec, placement_strategy)
@@ -131,24 +135,17 @@ def finetune(
             f"{spec.source_file}` first"
         )
     source = resolve_source(spec, root)
-    run_name = run_name or default_run_name(spec)
-    positive_weights = None
-    if spec.task.kind == "multilabel":  # negatives / positives per class in the training labels (seed 004)
-        from raydar.heads import MultilabelHead
-
-        head = MultilabelHead(1, list(spec.task.ontology))
-        head.fit_positive_weights(head.targets([json.loads(x) for x in train_rows["label"].to_pylist()],
-                                               spec.task.threshold))
-        positive_weights = head.pos_weight.tolist()
+    run_name = run_name or raydar.checkpoint.run_name(spec)
+    # What the head learns from the training labels up front (e.g. per-class weights of its loss).
+    head_buffers = kind_of(spec.task).head_buffers([json.loads(x) for x in train_rows["label"].to_pylist()])
     config = {
         "spec": spec.model_dump(mode="json"),
         "source_file": spec.source_file,
         "model_path": str(model_path),
         "max_steps": max_steps,
-        "fail_at_step": fail_at_step,
+        "on_step": on_step,
         "report_every": report_every,
-        "marker_dir": root.join("train", run_name),  # where a test's injected failure leaves its mark
-        "positive_weights": positive_weights,
+        "head_buffers": head_buffers,
         "total_steps": total_steps(train_rows.num_rows, student, max_steps),
         "steps_per_epoch": steps_per_epoch(train_rows.num_rows, student),
         "log_dir": _tensorboard_dir(root, run_name),
@@ -162,7 +159,7 @@ def finetune(
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(
             name=run_name,
-            storage_path=root.join("train"),
+            storage_path=root.join(TRAIN_DIR),
             storage_filesystem=root.fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
@@ -179,87 +176,18 @@ def finetune(
     if dashboard_url():
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     result = trainer.fit()
-    best = min(result.best_checkpoints, key=lambda c: c[1].get("val_loss", float("inf")))[0] \
-        if result.best_checkpoints else None
+    best = best_checkpoint([(c.path, metrics) for c, metrics in result.best_checkpoints or []])
+    last = root.uri_for(result.checkpoint.path) if result.checkpoint else None
     return FinetuneResult(
         run_name=run_name,
-        checkpoint=root.uri_for(result.checkpoint.path) if result.checkpoint else None,
-        best_checkpoint=root.uri_for(best.path) if best else None,
+        checkpoint=last,
+        best_checkpoint=root.uri_for(best) if best else None,
         metrics=result.metrics or {},
-        history=_saved_history(result.checkpoint),
+        history=run_history(last) if last else [],
     )
 
 
-def _saved_history(checkpoint) -> list[dict]:
-    """Every report of the run, as the last checkpoint saved them (history.json)."""
-    if checkpoint is None:
-        return []
-    try:
-        with checkpoint.as_directory() as folder:
-            return json.loads((Path(folder) / "history.json").read_text())
-    except (OSError, ValueError):
-        return []
-
-
-def steps_per_epoch(rows: int, student) -> int:
-    """Optimiser steps of one epoch on each worker."""
-    return -(-rows // (student.batch_size * student.workers))
-
-
-def total_steps(rows: int, student, max_steps: int | None) -> int:
-    """Optimiser steps of the whole run (the learning-rate schedule's length)."""
-    per_epoch = steps_per_epoch(rows, student)
-    return min(per_epoch * student.epochs, max_steps or per_epoch * student.epochs)
-
-
-def _tensorboard_dir(root: StorageRoot, run_name: str) -> str | None:
-    """TensorBoard events beside the run on a local root (`tensorboard --logdir` on it); none on a bucket."""
-    try:
-        return str(root.local_path("train", run_name, "tensorboard"))
-    except ValueError:
-        return None
-
-
-def check_student(spec: DatasetSpec) -> None:
-    """What would fail on a worker fails here, before any worker starts."""
-    s = spec.student
-    where = spec.source_file or spec.name
-    if s.quantisation != "none" and s.deepspeed_stage == 3:
-        raise SpecError(
-            f"{where}: student.deepspeed_stage: ZeRO-3 partitions weights, which bitsandbytes' {s.quantisation} "
-            "weights cannot be; use deepspeed_stage 0 or 2 with quantisation"
-        )
-    if s.quantisation != "none" and s.workers > 1 and not s.use_gpu:
-        raise SpecError(f"{where}: student.quantisation: {s.quantisation} training on the CPU runs one worker only")
-
-
-def check_resources(spec: DatasetSpec, placement_strategy: str = "PACK") -> None:
-    """Workers the cluster cannot hold all at once: on the embedded Ray, which no autoscaler grows, an
-    error before anything starts (Ray Train would wait for them forever); on a joined cluster a warning
-    that the workers wait until nodes that can hold them join."""
-    s = spec.student
-    need = {"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.use_gpu else {})}
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    per_node = [int(min(have.get(name, 0.0) // amount for name, amount in need.items())) for have in nodes]
-    held = sum(min(n, 1) for n in per_node) if placement_strategy == "STRICT_SPREAD" else sum(per_node)
-    if held >= s.workers:
-        return
-    what = f"{_count(s.workers, 'worker')}, each with {_count(s.cpus_per_worker, 'CPU')}"
-    what += " and a GPU (student.use_gpu)" if s.use_gpu else ""
-    what += ", one per node" if placement_strategy == "STRICT_SPREAD" else ""
-    nodes_have = "; ".join(f"{_count(have.get('CPU', 0), 'CPU')}, {_count(have.get('GPU', 0), 'GPU')}"
-                           for have in nodes)
-    message = (f"{spec.source_file or spec.name}: student: {what}; this cluster holds {held} "
-               f"(its nodes have {nodes_have})")
-    if embedded():
-        fixes = ["lower student.workers or student.cpus_per_worker"] + (
-            ["set student.use_gpu: false"] if s.use_gpu else [])
-        raise SpecError(f"{message}; {' or '.join(fixes)}, or run on a cluster that can hold them")
-    print(f"warning: {message}; the workers wait until nodes that can hold them join", file=sys.stderr, flush=True)
-
-
-def _count(n: float, what: str) -> str:
-    return f"{n:g} {what}" + ("" if n == 1 else "s")
+# ---------------------------------------------------------------- examples (Ray Data)
 
 
 def example_rows(rows: pa.Table, source: str, spec: DatasetSpec, model_path: str, *, augment: bool) -> ray.data.Dataset:
@@ -271,7 +199,7 @@ def example_rows(rows: pa.Table, source: str, spec: DatasetSpec, model_path: str
         with_file_bytes, fn_kwargs={"source": source}, batch_format="pyarrow", batch_size=16,
         # Reading bytes is I/O: no CPU reserved, or it would wait forever behind workers holding every core.
         # A task on a worker Ray already has, not an actor: an actor is a new process, and one running a class of
-        # this module imported torch and Ray Train first (6.5-7 s of CPU on 2 cores, for train and again for val).
+        # this module would import torch and Ray Train first, for train and again for val.
         compute=ray.data.TaskPoolStrategy(size=1), num_cpus=0,
     ).materialize()
     spec_json = spec.model_dump_json()
@@ -329,27 +257,6 @@ def _make_examples(batch: pa.Table, spec_json: str, model_path: str, augment: bo
 # ---------------------------------------------------------------- on each worker
 
 
-def deepspeed_config(student: StudentSpec, total_steps: int) -> dict:
-    """DeepSpeed's config for `student`: the ZeRO stage's file from cluster/deepspeed/,
-    the batch, AdamW and the warm-up + cosine schedule over `total_steps`."""
-    ds_config = json.loads((DEEPSPEED_CONFIGS / f"zero{student.deepspeed_stage}.json").read_text())
-    ds_config.update(
-        train_micro_batch_size_per_gpu=student.batch_size,
-        gradient_accumulation_steps=1,
-        optimizer={"type": "AdamW", "params": {"lr": student.learning_rate, "weight_decay": 0.0}},
-        bf16={"enabled": bool(student.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())},
-    )
-    if student.cpu_offload and student.deepspeed_stage in (2, 3):
-        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    # torch's AdamW, not DeepSpeed's fused ones: those compile C++/CUDA at first use (minutes, and a compiler
-    # on every worker), and LoRA's few parameters gain nothing from fusing.
-    ds_config["optimizer"]["params"]["torch_adam"] = True
-    ds_config["scheduler"] = {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": max(total_steps, student.warmup_steps + 1), "warmup_num_steps": student.warmup_steps,
-        "warmup_type": "linear", "cos_min_ratio": 0.1}}
-    return ds_config
-
-
 def train_student(config: dict) -> None:
     """The training loop of one Ray Train worker."""
     import deepspeed
@@ -362,7 +269,7 @@ def train_student(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(s.cpus_per_worker)  # the cores this worker reserved, no more, no fewer
     torch.manual_seed(0)
-    student, _, processor = build_student(spec, config["model_path"], config["positive_weights"])
+    student, _, processor = build_student(spec, config["model_path"], config["head_buffers"])
 
     ds_config = deepspeed_config(s, config["total_steps"])
 
@@ -373,12 +280,11 @@ def train_student(config: dict) -> None:
     # The checkpoint's folder (downloaded once, from remote storage) is read before and after DeepSpeed wraps the model.
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
         if folder:
-            meta = json.loads((Path(folder) / "metrics.json").read_text())
-            saved = Path(folder) / "history.json"
-            history = json.loads(saved.read_text()) if saved.is_file() else []
+            meta = saved_metrics(Path(folder))
+            history = saved_history(Path(folder))
             # Into the model before DeepSpeed wraps it: ZeRO's optimiser copies the weights it starts from (its
             # fp32 master copy), and its first step would write that copy back over weights loaded afterwards.
-            load_trainable(student, torch.load(Path(folder) / "trainable.pt", map_location="cpu", weights_only=True))
+            load_trainable(student, saved_trainable(Path(folder)))
         engine, _, _, scheduler = deepspeed.initialize(
             model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=ds_config,
             dist_init_required=False,
@@ -402,7 +308,7 @@ def train_student(config: dict) -> None:
             batch = collate(examples, processor.tokenizer.pad_token_id)
             yield {k: v.to(engine.device) for k, v in batch.items()}, [json.loads(x) for x in rows["label"].to_pylist()]
 
-    upcoming = _ahead(batches("train")) if start_epoch < s.epochs else None
+    upcoming = prefetch_in_thread(batches("train")) if start_epoch < s.epochs else None
     reported_at = time.monotonic()
     for epoch in range(start_epoch, s.epochs):
         engine.train()
@@ -427,12 +333,8 @@ def train_student(config: dict) -> None:
             first_loss = first_loss if first_loss is not None else window[-1]
             images += batch["input_ids"].shape[0]
             tokens += int(batch["attention_mask"].sum())
-            if config["fail_at_step"] == step and rank == 0 and _first_failure(config["marker_dir"]):
-                # The controller takes a worker's queued report when it polls (every 2 s, see REPORT_INTERVAL_S):
-                # a worker dying sooner after its checkpoint's report would take the report with it. Waiting out
-                # two polls makes the test's restart resume from that checkpoint, as a later death would.
-                time.sleep(2 * REPORT_INTERVAL_S)
-                os._exit(1)  # a worker dying mid-run; Ray Train restarts the group from the last checkpoint
+            if config["on_step"] is not None:
+                config["on_step"](step, rank)
             if step % config["report_every"] == 0:
                 elapsed = time.perf_counter() - tick
                 metrics = {"step": step, "epoch": epoch, "loss": sum(window[-done:]) / done,
@@ -452,8 +354,9 @@ def train_student(config: dict) -> None:
             if config["max_steps"] and step >= config["max_steps"]:
                 break
         if epoch + 1 < s.epochs and not (config["max_steps"] and step >= config["max_steps"]):
-            upcoming = _ahead(batches("train"))  # Ray Data starts the next pass during validation and the checkpoint
-        _evaluation_mode(engine)
+            # Ray Data starts the next pass during validation and the checkpoint.
+            upcoming = prefetch_in_thread(batches("train"))
+        evaluation_mode(engine)
         val_losses = []
         with torch.no_grad():
             for batch, labels in batches("val"):
@@ -486,6 +389,94 @@ def train_student(config: dict) -> None:
 REPORT_INTERVAL_S = 2.0
 
 
+# ---------------------------------------------------------------- the driver's checks and sizes
+
+
+def check_student(spec: DatasetSpec) -> None:
+    """What would fail on a worker fails here, before any worker starts."""
+    s = spec.student
+    where = spec.source_file or spec.name
+    if s.quantisation != "none" and s.deepspeed_stage == 3:
+        raise SpecError(
+            f"{where}: student.deepspeed_stage: ZeRO-3 partitions weights, which bitsandbytes' {s.quantisation} "
+            "weights cannot be; use deepspeed_stage 0 or 2 with quantisation"
+        )
+    if s.quantisation != "none" and s.workers > 1 and not s.use_gpu:
+        raise SpecError(f"{where}: student.quantisation: {s.quantisation} training on the CPU runs one worker only")
+
+
+def check_resources(spec: DatasetSpec, placement_strategy: str = "PACK") -> None:
+    """Workers the cluster cannot hold all at once: on the embedded Ray, which no autoscaler grows, an
+    error before anything starts (Ray Train would wait for them forever); on a joined cluster a warning
+    that the workers wait until nodes that can hold them join."""
+    s = spec.student
+    need = {"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.use_gpu else {})}
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    per_node = [int(min(have.get(name, 0.0) // amount for name, amount in need.items())) for have in nodes]
+    held = sum(min(n, 1) for n in per_node) if placement_strategy == "STRICT_SPREAD" else sum(per_node)
+    if held >= s.workers:
+        return
+    what = f"{_count(s.workers, 'worker')}, each with {_count(s.cpus_per_worker, 'CPU')}"
+    what += " and a GPU (student.use_gpu)" if s.use_gpu else ""
+    what += ", one per node" if placement_strategy == "STRICT_SPREAD" else ""
+    nodes_have = "; ".join(f"{_count(have.get('CPU', 0), 'CPU')}, {_count(have.get('GPU', 0), 'GPU')}"
+                           for have in nodes)
+    message = (f"{spec.source_file or spec.name}: student: {what}; this cluster holds {held} "
+               f"(its nodes have {nodes_have})")
+    if embedded():
+        fixes = ["lower student.workers or student.cpus_per_worker"] + (
+            ["set student.use_gpu: false"] if s.use_gpu else [])
+        raise SpecError(f"{message}; {' or '.join(fixes)}, or run on a cluster that can hold them")
+    print(f"warning: {message}; the workers wait until nodes that can hold them join", file=sys.stderr, flush=True)
+
+
+def _count(n: float, what: str) -> str:
+    return f"{n:g} {what}" + ("" if n == 1 else "s")
+
+
+def steps_per_epoch(rows: int, student) -> int:
+    """Optimiser steps of one epoch on each worker."""
+    return -(-rows // (student.batch_size * student.workers))
+
+
+def total_steps(rows: int, student, max_steps: int | None) -> int:
+    """Optimiser steps of the whole run (the learning-rate schedule's length)."""
+    per_epoch = steps_per_epoch(rows, student)
+    return min(per_epoch * student.epochs, max_steps or per_epoch * student.epochs)
+
+
+def _tensorboard_dir(root: StorageRoot, run_name: str) -> str | None:
+    """TensorBoard events beside the run on a local root (`tensorboard --logdir` on it); none on a bucket."""
+    try:
+        return str(root.local_path(TRAIN_DIR, run_name, "tensorboard"))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- the worker's parts
+
+
+def deepspeed_config(student: StudentSpec, total_steps: int) -> dict:
+    """DeepSpeed's config for `student`: the ZeRO stage's file from cluster/deepspeed/,
+    the batch, AdamW and the warm-up + cosine schedule over `total_steps`."""
+    ds_config = json.loads((DEEPSPEED_CONFIGS / f"zero{student.deepspeed_stage}.json").read_text())
+    ds_config.update(
+        train_micro_batch_size_per_gpu=student.batch_size,
+        gradient_accumulation_steps=1,
+        optimizer={"type": "AdamW", "params": {"lr": student.learning_rate, "weight_decay": 0.0}},
+        bf16={"enabled": bool(student.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())},
+    )
+    if student.cpu_offload and student.deepspeed_stage in (2, 3):
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    # torch's AdamW, not DeepSpeed's fused ones: those compile C++/CUDA at first use (minutes, and a compiler
+    # on every worker), and LoRA's few parameters gain nothing from fusing.
+    ds_config["optimizer"]["params"]["torch_adam"] = True
+    ds_config["scheduler"] = {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": max(total_steps, student.warmup_steps + 1), "warmup_num_steps": student.warmup_steps,
+        "warmup_type": "linear", "cos_min_ratio": 0.1}}
+    return ds_config
+
+
 def _agreed(flag: bool, rank: int, world: int) -> bool:
     """Rank 0's `flag` on every worker: all workers must make the same ray.train.report calls. Sent through
     Ray Train, not torch.distributed, whose process group DeepSpeed's ZeRO-3 collectives are using."""
@@ -499,7 +490,7 @@ def _agreed(flag: bool, rank: int, world: int) -> bool:
 _END = object()
 
 
-def _ahead(items: Iterator, depth: int = 4) -> Iterator:
+def prefetch_in_thread(items: Iterator, depth: int = 4) -> Iterator:
     """`items`, run on a thread `depth` ahead of the caller, starting now: the training loop then only
     waits when the data truly falls behind (deserialising and padding a batch happen off its thread,
     and the start of a pass overlaps whatever the loop does first)."""
@@ -525,155 +516,6 @@ def _ahead(items: Iterator, depth: int = 4) -> Iterator:
     return consume()
 
 
-class Student(torch.nn.Module):
-    """The PEFT model and its head, if any: for multilabel and regression specs on the pooled hidden
-    state, with `student.point_head` on the image tokens' hidden states. `forward(batch, labels)` returns
-    the training loss (the answer text's, when the batch has answer tokens, plus the head's), so
-    DeepSpeed sees one module."""
-
-    def __init__(self, model, head) -> None:
-        super().__init__()
-        self.model, self.head = model, head
-
-    def forward(self, batch: dict, labels: list[dict]):
-        out = self.model(**batch, output_hidden_states=self.head is not None)
-        if self.head is None:
-            return out.loss
-        hidden = out.hidden_states[-1]
-        if isinstance(self.head, PointsHead):  # trained on the head's loss alone (no answer text: see _make_examples)
-            outputs = self.head.outputs(image_token_maps(hidden, batch, self.model.config))
-            loss = self.head.loss(outputs, self.head.targets(labels, outputs))
-            return loss if out.loss is None else out.loss + loss
-        pooled = pool_hidden(hidden, batch["attention_mask"])
-        targets = self.head.targets(labels).to(pooled.device)
-        return out.loss + self.head.loss(self.head(pooled), targets)
-
-
-def build_student(spec: DatasetSpec, model_path: str, positive_weights: list[float] | None = None):
-    """The base model with LoRA (and quantisation), its head, and the example builder."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
-
-    from raydar.heads import head_for
-    from raydar.models import load_processor
-    from raydar.sft import SFTExamples
-
-    s = spec.student
-    processor = load_processor(model_path, s.max_pixels)
-    quantisation = None
-    if s.quantisation == "4bit":
-        quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.float32)
-    elif s.quantisation == "8bit":
-        quantisation = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, quantization_config=quantisation,
-                                                        dtype=torch.float32)
-    if quantisation is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still need a grad path
-    vision = {n for n, _ in model.named_modules() if "visual" in n or "vision" in n}
-    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and (
-        n.rsplit(".", 1)[-1] in s.lora.vision_target_modules if _inside(n, vision) and s.lora.vision
-        else n.rsplit(".", 1)[-1] in s.lora.target_modules and not _inside(n, vision))]
-    model = get_peft_model(model, LoraConfig(r=s.lora.rank, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
-                                             target_modules=targets, modules_to_save=s.lora.modules_to_save or None))
-    builder = SFTExamples.for_student(spec, processor)
-    head = head_for(spec.task, model.config.get_text_config().hidden_size, point_head=s.point_head)
-    if head is not None and positive_weights is not None and hasattr(head, "pos_weight"):
-        head.pos_weight.copy_(torch.tensor(positive_weights))
-    return Student(model, head), builder, processor
-
-
-def _inside(name: str, prefixes: set[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def trainable_state(engine) -> dict:
-    """The trainable weights (LoRA, head) in full, gathered from every rank under ZeRO-3."""
-    import deepspeed
-
-    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None,
-                                           enabled=engine.zero_optimization_stage() == 3):
-        return {n: p.detach().clone().cpu() for n, p in params.items()}
-
-
-def load_trainable(student, state: dict) -> None:
-    """The trainable weights of a checkpoint (`trainable_state`) into the student, before DeepSpeed wraps it."""
-    params = dict(student.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise ValueError(f"trainable.pt: weights this student does not have: {', '.join(unknown[:5])}")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
-
-
-TRAINING_STATE = "training_state"  # DeepSpeed's checkpoint in a run's checkpoint: optimiser, schedule, weights
-
-
-def save_training_state(engine, folder: Path, world: int) -> None:
-    """DeepSpeed's own checkpoint of the trainable weights, AdamW's moments and the schedule, under
-    `training_state/`: each rank writes its partition (ZeRO shards the optimiser's state), so a resumed run
-    takes up the optimiser where it stopped. Every rank must call it."""
-    engine.save_checkpoint(str(folder / TRAINING_STATE), tag="last", save_latest=False, exclude_frozen_parameters=True)
-    if engine.global_rank == 0:
-        layout = {"world_size": world, "zero_stage": engine.zero_optimization_stage()}
-        (folder / TRAINING_STATE / "layout.json").write_text(json.dumps(layout))
-
-
-def load_training_state(engine, folder: Path, world: int) -> bool:
-    """Whether the optimiser's state, the schedule and the trainable weights were restored from a
-    checkpoint's `training_state/`. They are not when it has none (a checkpoint from before it was saved)
-    or when it was written by another number of workers or ZeRO stage, whose partitions do not fit: the
-    run then goes on from the weights alone (`trainable.pt`, loaded before DeepSpeed wrapped the model)."""
-    layout_file = folder / TRAINING_STATE / "layout.json"
-    if not layout_file.is_file():
-        return False
-    layout = json.loads(layout_file.read_text())
-    here = {"world_size": world, "zero_stage": engine.zero_optimization_stage()}
-    if layout != here:
-        print(f"resume: the optimiser's state was saved by {layout}, this run is {here}; "
-              "going on from the weights alone (AdamW's moments start from zero)", flush=True)
-        return False
-    path, _ = engine.load_checkpoint(str(folder / TRAINING_STATE), tag="last", load_module_strict=False,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-    return path is not None
-
-
-def save_checkpoint(folder: Path, student, processor, spec: DatasetSpec, state: dict, metrics: dict,
-                    history: list[dict] | None = None) -> None:
-    """adapter/ (safetensors), head, processor, the spec, the metrics and their history; `trainable.pt`
-    for resuming."""
-    from raydar.heads import head_for, save_head
-
-    lora = {n[len("model."):]: t for n, t in state.items() if n.startswith("model.")}
-    student.model.save_pretrained(folder / "adapter", state_dict=lora)
-    if student.head is not None:
-        # A fresh head on the CPU: under ZeRO-3 the live one holds only this rank's slice of each weight.
-        head = head_for(spec.task, student.head.hidden_size, point_head=spec.student.point_head)
-        buffers = dict(student.head.named_buffers())
-        head.load_state_dict({**buffers, **{n[len("head."):]: t for n, t in state.items() if n.startswith("head.")}})
-        save_head(head, folder)
-    processor.save_pretrained(folder / "processor")
-    (folder / "spec.json").write_text(spec.model_dump_json(indent=2))
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (folder / "history.json").write_text(json.dumps(history or [metrics]))
-    torch.save(state, folder / "trainable.pt")
-
-
-def _evaluation_mode(engine) -> None:
-    """eval() for dropout, except bitsandbytes' 4-bit layers (no dropout in them): in eval mode on the
-    CPU they repack their weights for an inference kernel, which fails on these shapes."""
-    engine.eval()
-    for module in engine.module.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.train()
-
-
 def _summary_writer(log_dir: str | None):
     """A TensorBoard writer when torch's or tensorboardX's is installed (`tensorboard --logdir` on it)."""
     if not log_dir:
@@ -695,15 +537,6 @@ def _log(board, metrics: dict) -> None:
         if name not in ("step", "epoch", "first_step_at") and isinstance(value, (int, float)) and not math.isnan(value):
             board.add_scalar(f"train/{name}", value, metrics["step"])
     board.flush()
-
-
-def _first_failure(marker_dir: str) -> bool:
-    marker = Path(marker_dir) / "injected-failure"
-    if marker.exists():
-        return False
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    return True
 
 
 def _peak_memory_mb() -> float:

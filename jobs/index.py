@@ -33,7 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from cluster import StorageRoot
-from jobs.label import add_common_arguments, spec_from_args
+from jobs.arguments import add_common_arguments, spec_from_args
 from raydar.embeddings import EmbedderError, image_embedder, text_embedder
 from raydar.images import ImageProblem, prepare_image
 from raydar.kb import (
@@ -50,9 +50,8 @@ from raydar.labels import LabelStore
 from raydar.spec import DatasetSpec
 
 # Ray Data actors (one process per CPU; the image descriptor holds the GIL, so processes, not threads) embed
-# large sets when there are more cores than the driver's two to spread over: on a cluster, or a bigger machine.
-# On this project's 2-core machine they measured no faster than the driver, plus ~18 s start-up (Ray, the
-# actors, a model each); bench/kb.py and bench/RESULTS.md.
+# large sets when there are more cores than the driver's to spread over: on a cluster, or a bigger machine.
+# On two cores they are no faster than the driver and cost their start-up (bench/kb.py, bench/RESULTS.md).
 RAY_MIN_ENTRIES = 5000
 BATCH = 64  # entries embedded, then written, per step
 # A build on a local copy of the snapshot (a bucket, no Chroma server) writes the snapshot at least this often,

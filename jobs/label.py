@@ -19,16 +19,10 @@ import collections
 import datetime as dt
 import json
 import logging
-import os
-import random
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,14 +30,15 @@ import ray
 from tqdm import tqdm
 
 from cluster import StorageRoot, connect
-from cluster.storage import list_files
-from raydar.demo import GROUND_TRUTH_FILE, make_demo_cells
+from jobs.arguments import job_parser, spec_from_args
 from raydar.images import ImageProblem, image_id, prepare_image, teacher_payload
+from raydar.kinds import kind_of
 from raydar.labels import LABEL_SCHEMA, LabelStore, answered_row
 from raydar.signals import sigterm_as_interrupt
-from raydar.spec import DatasetSpec, SpecError, load_spec, parse_override
-from raydar.tasks import task_kind
+from raydar.sources import list_files, read_bytes, resolve_source
+from raydar.spec import DatasetSpec
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
+from raydar.teacher.launch import SimulatedTeacherProcess
 from raydar.teacher.ratelimit import RateLimiter
 from raydar.telemetry import LabelMetrics, failure_reason
 
@@ -63,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="raydar label", description=__doc__.split("\n")[0])
-    add_common_arguments(parser)
+    parser = job_parser("raydar label", __doc__)
     parser.add_argument("--limit", type=int, default=None, help="Label only the first N images (sorted by path).")
     parser.add_argument(
         "--from-feedback", action="store_true",
@@ -72,36 +66,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "hard examples (the ensemble's members disagreed) go to the teacher.",
     )
     return parser.parse_args(argv)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """--spec, --storage, --address, --set, --quiet: shared by every job."""
-    parser.add_argument("--spec", required=True, help="Dataset spec (YAML).")
-    parser.add_argument(
-        "--storage", default=None, help="Storage root: folder or URI (default: $RAYDAR_STORAGE or ~/.raydar)."
-    )
-    parser.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray).")
-    parser.add_argument(
-        "--set", action="append", default=[], type=_override, metavar="FIELD=VALUE",
-        help="Override a spec field, e.g. --set teacher.concurrency=8. Repeatable.",
-    )
-    parser.add_argument("--quiet", action="store_true", help="No progress bar.")
-
-
-def spec_from_args(args: argparse.Namespace) -> DatasetSpec:
-    """The spec named by --spec with the --set overrides; an invalid one ends the job with exit code 2."""
-    try:
-        return load_spec(args.spec, overrides=dict(args.set))
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _override(text: str) -> tuple[str, object]:
-    try:
-        return parse_override(text)
-    except ValueError as e:  # argparse shows an ArgumentTypeError's own message
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ---------------------------------------------------------------- the run
@@ -174,7 +138,7 @@ def label_images(
     root = storage.child(spec.name)
     dataset_source = resolve_source(spec, root)
     source = source or dataset_source
-    kind = task_kind(spec.task, spec.teacher.coordinates)
+    kind = kind_of(spec.task, spec.teacher.coordinates)
     fingerprint = teacher_fingerprint(spec.teacher, kind, spec.images.max_pixels)
     store = LabelStore(root.child("labels"))
     run_id = _new_run_id()
@@ -193,7 +157,7 @@ def label_images(
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we know
     rows_per_block = block_rows(spec.teacher.concurrency, len(paths), spec.teacher.actors)
     n_blocks = -(-len(paths) // rows_per_block)
-    with teacher_endpoint(spec, dataset_source) as base_url:  # a simulator answers from the dataset's truth
+    with SimulatedTeacherProcess(spec, dataset_source) as base_url:  # a simulator answers from the dataset's truth
         limiter = RateLimiter(spec.teacher.rate_per_s) if spec.teacher.rate_per_s else None
         # The paths, not the bytes: each actor reads its own images (no read tasks, no image bytes through
         # the object store), on threads, so a slow filesystem does not stall its requests in flight.
@@ -238,12 +202,9 @@ def label_images(
     return result
 
 
-# Each labelling actor holds two blocks of four rounds of its requests (`block_rows`). Ray Data hands an
-# actor its next block a median 21-28 ms after the last one ends and, with blocks of one round (`concurrency`
-# rows), kept 1.9 of 4 per actor in flight on average, so actors with few requests each sat idle between
-# blocks. With 8 requests per actor against a teacher that could take 320/s, the whole job went from
-# 151-164 to 178-183 images/s; at the bench's 32 per actor it was unchanged (bench/RESULTS.md). A block's
-# rows reach the log when the whole block is answered: a killed run loses at most two blocks per actor.
+# Each labelling actor holds two blocks of four rounds of its requests (`block_rows`): Ray Data is slow to hand
+# an actor its next block, and with blocks of one round an actor with few requests sits idle between blocks
+# (bench/RESULTS.md, label_throughput). A block's rows reach the log when the whole block is answered.
 ROUNDS_PER_BLOCK = 4
 BLOCKS_PER_ACTOR = 2
 MAX_BLOCK_ROWS = 256
@@ -261,7 +222,7 @@ FEEDBACK_MODEL = "user-feedback"  # teacher_model of a labelled row that a user'
 @dataclass
 class FeedbackResult:
     dataset: str
-    corrections: int = 0  # users' corrections now in the labels
+    corrections: int = 0  # users' corrections in the labels
     new_corrections: int = 0
     hard_examples: int = 0  # sent to the teacher (cached ones cost nothing)
     labelled: LabelResult | None = None
@@ -280,7 +241,7 @@ def label_feedback(spec: DatasetSpec, storage: StorageRoot, *, progress: bool = 
 
     root = storage.child(spec.name)
     log = FeedbackLog(root.child("feedback"))
-    kind = task_kind(spec.task, spec.teacher.coordinates)
+    kind = kind_of(spec.task, spec.teacher.coordinates)
     fingerprint = teacher_fingerprint(spec.teacher, kind, spec.images.max_pixels)
     store = LabelStore(root.child("labels"))
     result = FeedbackResult(spec.name)
@@ -363,68 +324,6 @@ class _LogWriter:
 # ---------------------------------------------------------------- images and teacher
 
 
-def resolve_source(spec: DatasetSpec, root: StorageRoot) -> str:
-    """The folder or URI of the images; synthetic ones are made on first use under the storage root."""
-    if spec.images.uri:
-        return spec.resolve_uri(spec.images.uri)
-    gen = spec.images.generate
-    folder = root.child("source", f"{gen.kind}-n{gen.n}-s{gen.size}-seed{gen.seed}")
-    if folder.exists(GROUND_TRUTH_FILE):
-        return folder.uri
-    if folder.is_local:
-        make_demo_cells(folder.path, gen.n, gen.size, gen.seed)
-        return folder.uri
-    with tempfile.TemporaryDirectory() as tmp:  # a remote root: make locally, then upload
-        made = make_demo_cells(tmp, gen.n, gen.size, gen.seed)
-        for path in sorted(made.iterdir(), key=lambda p: p.name == GROUND_TRUTH_FILE):
-            folder.write_bytes(path.read_bytes(), path.name)  # ground truth last: it marks "complete"
-    return folder.uri
-
-
-class teacher_endpoint:
-    """The teacher's base URL; for `kind: simulated` without one, a simulator on 127.0.0.1 for this run."""
-
-    def __init__(self, spec: DatasetSpec, source: str) -> None:
-        self.spec, self.source = spec, source
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> str | None:
-        t = self.spec.teacher
-        if t.kind != "simulated" or t.base_url:
-            return t.base_url
-        if "://" in self.source or not (Path(self.source) / GROUND_TRUTH_FILE).is_file():
-            raise SpecError(
-                f"{self.spec.source_file}: teacher.kind is simulated but {self.source} has no {GROUND_TRUTH_FILE}; "
-                "the simulator answers only for images with ground truth (or set teacher.base_url)"
-            )
-        s = t.simulated
-        cmd = [
-            sys.executable, "-m", "raydar.teacher.simulated", "--ground-truth", self.source, "--port", "0",
-            "--host", s.host, "--latency", str(s.latency_s), "--max-concurrency", str(s.max_concurrency),
-            "--workers", str(s.workers),
-            "--miss-rate", str(s.miss_rate), "--false-positives", str(s.false_positives),
-            "--jitter", str(s.jitter), "--label-flip-rate", str(s.label_flip_rate), "--seed", str(s.seed),
-            "--coordinates", t.coordinates, "--example-gain", str(s.example_gain),
-            *[f"--zero-shot-miss={c}={r}" for c, r in s.zero_shot_miss.items()],
-            *[f"--zero-shot-flip={c}={r}" for c, r in s.zero_shot_flip.items()],
-        ]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        line = self.process.stdout.readline()
-        if "listening on " not in line:
-            self.process.kill()
-            raise RuntimeError(f"the simulated teacher did not start (exit {self.process.wait()})")
-        return line.rsplit("listening on ", 1)[1].strip()
-
-    def __exit__(self, *exc) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)  # its own session: its worker processes too
-                self.process.wait()
-
-
 class LabelImages:
     """Per batch of paths: read (on threads), hash, decode, validate and resize each image (skipping the
     cached and the given up), then ask the teacher about all of them at once. One row out per path in."""
@@ -435,7 +334,7 @@ class LabelImages:
         self.index = cache_index
         self.fs = filesystem
         self.prefix = uri_prefix
-        self.kind = task_kind(spec.task, spec.teacher.coordinates)
+        self.kind = kind_of(spec.task, spec.teacher.coordinates)
         self.base_url, self.rate_limiter = base_url, rate_limiter
         self.fingerprint, self.run_id = fingerprint, run_id
         self.client: TeacherClient | None = None
@@ -455,22 +354,13 @@ class LabelImages:
         return pa.Table.from_pylist(answers, schema=_OUTPUT_SCHEMA)
 
     def _read(self, path: str, attempts: int = 5) -> bytes | FileNotFoundError:
-        """The file's bytes. A file gone since the listing is a failed row, not a failed job. The
-        transient errors Ray Data retries (S3's SLOW_DOWN, 503, ...) are retried with backoff here too;
-        any other error (no credentials, a path this node cannot see) fails the job, loudly."""
-        transient = ray.data.DataContext.get_current().retried_io_errors
-        attempt = 1
-        while True:
-            try:
-                with self.fs.open_input_stream(path) as f:
-                    return f.readall()
-            except FileNotFoundError as e:
-                return e
-            except OSError as e:
-                if attempt == attempts or not any(message in str(e) for message in transient):
-                    raise
-            time.sleep(min(5.0, 0.2 * 2 ** attempt) * (0.5 + random.random()))  # on a thread of its own
-            attempt += 1
+        """The file's bytes (raydar.sources.read_bytes). A file gone since the listing is a failed row, not a
+        failed job; any other error that is not transient (no credentials, a path this node cannot see)
+        fails the job, loudly."""
+        try:
+            return read_bytes(path, self.fs, attempts=attempts)
+        except FileNotFoundError as e:
+            return e
 
     def _prepare(self, data: bytes | FileNotFoundError, path: str) -> dict:
         images = self.spec.images

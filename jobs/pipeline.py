@@ -18,7 +18,6 @@ stops it) when run from a terminal, and stops at the end otherwise (`--serve` / 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,16 +29,17 @@ from pathlib import Path
 
 from cluster import StorageRoot, connect
 from cluster.connect import dashboard_url
-from cluster.storage import resolve
-from jobs.label import add_common_arguments, resolve_source, spec_from_args, teacher_endpoint
+from jobs.arguments import job_parser, spec_from_args
+from raydar.checkpoint import run_name
+from raydar.sources import list_files, read_bytes, resolve, resolve_source
 from raydar.spec import DatasetSpec
+from raydar.teacher.launch import SimulatedTeacherProcess
 
 STAGES = ("label", "index", "finetune", "evaluate", "deploy")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raydar run", description=__doc__.split("\n")[0])
-    add_common_arguments(parser)
+    parser = job_parser("raydar run", __doc__)
     parser.add_argument("--dashboard", action="store_true", help="Start the Ray dashboard with the embedded Ray.")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"Comma-separated subset of {','.join(STAGES)}.")
     serve = parser.add_mutually_exclusive_group()
@@ -88,7 +88,7 @@ class PipelineResult:
     token_file: str | None = None
     ok: bool = True
     seconds: float = 0.0
-    _teacher: object = None
+    _teacher: SimulatedTeacherProcess | None = None
 
     def summary(self) -> str:
         lines = [f"done in {self.seconds:.0f} s: ran {', '.join(self.ran) or 'nothing'}"
@@ -111,7 +111,7 @@ class PipelineResult:
 
     def close(self) -> None:
         if self._teacher is not None:
-            self._teacher.__exit__(None, None, None)
+            self._teacher.stop()
             self._teacher = None
 
 
@@ -178,7 +178,7 @@ def run_pipeline(spec: DatasetSpec, storage: StorageRoot, *, stages=STAGES, prog
 
         def train() -> dict:
             # Named after its inputs: a crashed run with the same inputs resumes from its last checkpoint.
-            tuned = finetune(spec, storage, run_name=f"{spec.name}-{key[:10]}")
+            tuned = finetune(spec, storage, run_name=run_name(spec, key))
             checkpoint = tuned.best_checkpoint or tuned.checkpoint
             return {"summary": tuned.summary(), "checkpoint": checkpoint, "history": tuned.history,
                     "paths": [checkpoint]}
@@ -187,7 +187,7 @@ def run_pipeline(spec: DatasetSpec, storage: StorageRoot, *, stages=STAGES, prog
 
     checkpoint = result.outputs.get("finetune", {}).get("checkpoint") or _finished_output(root, "finetune", "checkpoint")
     if "evaluate" in stages:
-        from jobs.evaluate import MEMBERS, evaluate
+        from raydar.evaluation import MEMBERS, evaluate
 
         n += 1
         members = [m for m in MEMBERS if checkpoint or m not in ("finetuned", "ensemble")]
@@ -225,8 +225,8 @@ def deploy(spec: DatasetSpec, storage: StorageRoot, result: PipelineResult, chec
     from serving.app import build_app
 
     members = [m for m in spec.serving.members if m != "finetuned" or checkpoint]
-    teacher = teacher_endpoint(spec, source)
-    rag_url = teacher.__enter__() if "rag" in members else None
+    teacher = SimulatedTeacherProcess(spec, source)
+    rag_url = teacher.start() if "rag" in members else None
     result._teacher = teacher
     token_file = _token_file(storage, spec)
     args = {"spec": spec.source_file, "set": overrides, "storage": storage.uri, "members": members,
@@ -259,8 +259,6 @@ def _key(stage: str, *inputs) -> str:
 def _listing(source: str, spec: DatasetSpec) -> list:
     """Names, sizes and times of the images: a new, changed or removed image changes the label key."""
     from pyarrow import fs as pafs
-
-    from cluster.storage import list_files
 
     fs, paths, _ = list_files(source, spec.images.extensions)
     infos = fs.get_file_info(paths)
@@ -319,10 +317,7 @@ def _a_test_image(storage: StorageRoot, spec: DatasetSpec) -> bytes:
 
     rows = LabelStore(storage.child(spec.name, "labels")).read_labels()
     test = rows.filter(pc.equal(rows["split"], "test"))
-    uri = (test if test.num_rows else rows)["source_uri"][0].as_py()
-    fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    return read_bytes((test if test.num_rows else rows)["source_uri"][0].as_py())
 
 
 if __name__ == "__main__":

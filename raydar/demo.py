@@ -22,11 +22,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from raydar.images import image_id
+from raydar.sources import GROUND_TRUTH_FILE
 
-GROUND_TRUTH_FILE = "ground_truth.jsonl"
-
-
-PARALLEL_FROM = 500  # images from which the set is drawn by several processes (about 35 ms each here)
+PARALLEL_FROM = 500  # images from which the set is drawn by several processes (drawing one takes tens of ms)
 
 
 def make_demo_cells(out_dir: str | os.PathLike, n: int = 200, size: int = 224, seed: int = 0) -> Path:
@@ -65,13 +63,6 @@ def _draw_and_write(job: tuple[Path, range, int, int]) -> list[dict]:
         records.append({"file": name, "image_id": image_id(data), "width": size, "height": size,
                         "label": {"points": points}})
     return records
-
-
-def read_ground_truth(folder: str | os.PathLike) -> list[dict]:
-    path = Path(folder) / GROUND_TRUTH_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no ground truth here (made by raydar.demo.make_demo_cells)")
-    return [json.loads(line) for line in path.open() if line.strip()]
 
 
 def draw_cells_image(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict]]:

@@ -9,7 +9,8 @@ A `detection` row per answered image: its sha256, each member's label (or error)
 members' agreement, whether that makes it a *hard example* (agreement below the endpoint's
 threshold), model and adapter versions, latency. A `feedback` row per user correction: the image and
 the corrected label. `raydar label --from-feedback` sends hard examples to the teacher and turns
-corrections into labelled rows, so both become training data.
+corrections into labelled rows, so both become training data. A serving replica writes through a
+`FeedbackWriter`, which buffers rows and images and writes them in the background.
 
 Like `raydar.labels.LabelStore`, the log is handed a storage root (cluster.StorageRoot or anything
 with the same methods), so this module stays free of how storage is reached.
@@ -17,9 +18,11 @@ with the same methods), so this module stays free of how storage is reached.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import json
+import logging
 import re
 import time
 import uuid
@@ -29,6 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydar.labels import Storage
+
+logger = logging.getLogger(__name__)
 
 FEEDBACK_SCHEMA = pa.schema(
     [
@@ -180,3 +185,74 @@ class FeedbackBuffer:
 
     def give_back(self, rows: list[dict]) -> None:
         self.pending = rows + self.pending
+
+
+class FeedbackWriter:
+    """A serving replica's write-behind to the log: rows and images wait in memory and are written in the
+    background (every `rows` rows or `seconds`), so no answer waits on storage; a write that fails is
+    retried with the next one."""
+
+    def __init__(self, log: FeedbackLog, *, rows: int, seconds: float, keep_images: bool) -> None:
+        self.log = log
+        self.seconds = seconds
+        self.keep_images = keep_images
+        self.buffer = FeedbackBuffer(rows=rows, seconds=seconds)
+        self.pending_images: dict[str, tuple[bytes, str]] = {}
+        self._flush_lock = asyncio.Lock()
+        self._flusher: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def keep(self, data: bytes, image_id: str, fmt: str) -> str:
+        """The file the image will be kept as (written with the next rows), or "" when images are not kept."""
+        if not self.keep_images:
+            return ""
+        self.pending_images.setdefault(image_id, (data, fmt))
+        return image_file_name(image_id, fmt)
+
+    async def keep_corrected(self, data: bytes, image_id: str, fmt: str) -> str:
+        """The file of an image a user corrected: kept even when images are not, since the correction needs it."""
+        return self.keep(data, image_id, fmt) or await asyncio.to_thread(self.log.keep_image, data, image_id, fmt)
+
+    async def stored_image(self, image_id: str, formats: list[str]) -> str | None:
+        """The file of an image kept (or waiting to be) in one of `formats`, or None."""
+        if image_id in self.pending_images:
+            return image_file_name(image_id, self.pending_images[image_id][1])
+        return await asyncio.to_thread(self.log.image_file, image_id, formats)
+
+    def add(self, row: dict) -> None:
+        """A row, written within `seconds` (sooner once `rows` rows or images are waiting)."""
+        self.buffer.add(row)
+        if self.buffer.due() or len(self.pending_images) >= self.buffer.rows:
+            self._background(self.flush())
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = self._background(self._flush_later())
+
+    async def write_now(self, row: dict) -> None:
+        """A row written before this returns, with every row waiting."""
+        self.buffer.add(row)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Images first, then the rows naming them, each part written atomically; on failure kept for later."""
+        async with self._flush_lock:
+            images, self.pending_images = self.pending_images, {}
+            rows, seq = self.buffer.take()
+            try:
+                for image_id, (data, fmt) in images.items():
+                    await asyncio.to_thread(self.log.keep_image, data, image_id, fmt)
+                if rows:
+                    await asyncio.to_thread(self.log.append, rows, self.buffer.writer, seq)
+            except Exception as e:
+                logger.warning("feedback log: write failed, will retry: %s", e)
+                self.pending_images = {**images, **self.pending_images}
+                self.buffer.give_back(rows)
+
+    def _background(self, coroutine) -> asyncio.Task:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)  # held until done: the event loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.seconds)
+        await self.flush()

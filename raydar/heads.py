@@ -10,11 +10,11 @@
   generating text; a small student learns it from a few hundred images where it cannot learn to write
   coordinates (DESIGN.md).
 
-    head = head_for(spec.task, model.config.text_config.hidden_size)
+    head = kind_of(spec.task).head(model.config.text_config.hidden_size)
     pooled = pool_hidden(outputs.hidden_states[-1], batch["attention_mask"])
     loss = head.loss(head(pooled), head.targets(labels))
 
-    head = head_for(spec.task, hidden_size, point_head=True)
+    head = kind_of(spec.task).head(hidden_size, point_head=True)
     maps = head.outputs(image_token_maps(outputs.hidden_states[-1], batch, model.config))
     loss = head.loss(maps, head.targets(labels, maps))
 """
@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-from raydar.spec import MultilabelTask, PointsTask, RegressionTask
 
 HEAD_FILE = "head.pt"
 
@@ -160,6 +158,11 @@ class PointsHead(nn.Module):
         return {"kind": "points", "classes": self.classes, "inner": self.net[0].out_channels,
                 "positive_weight": float(self.positive_weight), "threshold": self.threshold}
 
+    @classmethod
+    def from_config(cls, config: dict) -> PointsHead:
+        return cls(config["hidden_size"], config["classes"], inner=config["inner"],
+                   positive_weight=config["positive_weight"], threshold=config["threshold"])
+
 
 class MultilabelHead(nn.Module):
     def __init__(self, hidden_size: int, classes: list[str], inner: int = 1024, dropout: float = 0.1) -> None:
@@ -202,6 +205,10 @@ class MultilabelHead(nn.Module):
     def config(self) -> dict:
         return {"kind": "multilabel", "classes": self.classes, "inner": self.net[0].out_features}
 
+    @classmethod
+    def from_config(cls, config: dict) -> MultilabelHead:
+        return cls(config["hidden_size"], config["classes"], inner=config["inner"])
+
 
 class RegressionHead(nn.Module):
     def __init__(self, hidden_size: int, ranges: dict[str, tuple[float, float]], inner: int = 256) -> None:
@@ -235,22 +242,13 @@ class RegressionHead(nn.Module):
         ranges = {n: (float(lo), float(lo + sp)) for n, lo, sp in zip(self.names, self.low, self.span)}
         return {"kind": "regression", "ranges": ranges, "inner": self.net[0].out_features}
 
+    @classmethod
+    def from_config(cls, config: dict) -> RegressionHead:
+        return cls(config["hidden_size"], {n: tuple(r) for n, r in config["ranges"].items()}, inner=config["inner"])
+
 
 Head = MultilabelHead | RegressionHead | PointsHead
-
-
-def head_for(task, hidden_size: int, *, point_head: bool = False) -> Head | None:
-    """The head a task kind trains beside its adapter, or None for kinds that answer in text only
-    (points answer with `PointsHead` when `point_head`, the spec's `student.point_head`)."""
-    if point_head:
-        if not isinstance(task, PointsTask):
-            raise ValueError(f"point_head is for points tasks, not {task.kind}")
-        return PointsHead(hidden_size, list(task.ontology))
-    if isinstance(task, MultilabelTask):
-        return MultilabelHead(hidden_size, list(task.ontology))
-    if isinstance(task, RegressionTask):
-        return RegressionHead(hidden_size, {n: (t.min, t.max) for n, t in task.targets.items()})
-    return None
+HEADS = {"points": PointsHead, "multilabel": MultilabelHead, "regression": RegressionHead}  # by config()'s `kind`
 
 
 def save_head(head: Head, folder: str | Path) -> Path:
@@ -267,15 +265,8 @@ def save_head(head: Head, folder: str | Path) -> Path:
 def load_head(folder: str | Path) -> Head:
     saved = torch.load(Path(folder) / HEAD_FILE, map_location="cpu", weights_only=True)
     config = saved["config"]
-    if config["kind"] == "multilabel":
-        head = MultilabelHead(config["hidden_size"], config["classes"], inner=config["inner"])
-    elif config["kind"] == "regression":
-        ranges = {n: tuple(r) for n, r in config["ranges"].items()}
-        head = RegressionHead(config["hidden_size"], ranges, inner=config["inner"])
-    elif config["kind"] == "points":
-        head = PointsHead(config["hidden_size"], config["classes"], inner=config["inner"],
-                          positive_weight=config["positive_weight"], threshold=config["threshold"])
-    else:
-        raise ValueError(f"{folder}/{HEAD_FILE}: unknown head kind {config['kind']!r}")
+    if config["kind"] not in HEADS:
+        raise ValueError(f"{folder}/{HEAD_FILE}: unknown head {config['kind']!r}; expected one of {', '.join(HEADS)}")
+    head = HEADS[config["kind"]].from_config(config)
     head.load_state_dict(saved["state"])
     return head.eval()  # for prediction; call .train() to go on training it

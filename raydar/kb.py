@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import math
-import re
 import shutil
 import tempfile
 import urllib.parse
@@ -49,8 +48,9 @@ from PIL import Image
 
 from raydar.embeddings import image_embedder, text_embedder
 from raydar.images import ImageProblem, prepare_image
+from raydar.sources import read_bytes
 from raydar.spec import DatasetSpec
-from raydar.tasks import AnswerError, extract_json
+from raydar.kinds import AnswerError, extract_json, kind_of
 
 KB_DIR = "kb"
 CHROMA_DIR = "chroma"
@@ -113,7 +113,7 @@ def entries_from_labels(spec: DatasetSpec, table: pa.Table) -> list[Entry]:
             "source_uri": row.get("source_uri") or "",
             "file": (row.get("source_uri") or "").rstrip("/").rsplit("/", 1)[-1],
             "split": row.get("split") or "",
-            "task": spec.task.kind,
+            "task": kind_of(spec.task).name,
             "width": int(row.get("width") or 0),
             "height": int(row.get("height") or 0),
             "teacher_model": row.get("teacher_model") or "",
@@ -144,63 +144,14 @@ def _raw_json(raw: str | None) -> Any:
         return None
 
 
-def metadata_key(prefix: str, name: str) -> str:
-    """`n_explicit`, `p_pleural_thickening`: a class or target name as a metadata key."""
-    return prefix + (re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_") or "x")
-
-
 def label_metadata(task, label: dict) -> dict[str, Any]:
     """Filterable facts of a label: `type` (the classes present), per-class counts, probabilities, values."""
-    meta: dict[str, Any] = {}
-    if task.kind in ("points", "boxes"):
-        items = label["points"] if task.kind == "points" else label["objects"]
-        meta["n_objects"] = len(items)
-        counts = {name: 0 for name in task.ontology}
-        for item in items:
-            counts[item["label"]] = counts.get(item["label"], 0) + 1
-        meta.update({metadata_key("n_", name): n for name, n in counts.items()})
-        present = [name for name, n in counts.items() if n]
-    elif task.kind == "caption":
-        meta["entity"] = label["entity"]
-        present = [label["entity"]]
-    elif task.kind == "multilabel":
-        probs = label["probabilities"]
-        meta.update({metadata_key("p_", name): float(p) for name, p in probs.items()})
-        present = [name for name, p in probs.items() if p >= task.threshold]
-    else:
-        meta.update({metadata_key("v_", name): float(v) for name, v in label["values"].items()})
-        present = []
-    if present:
-        meta["type"] = present  # Chroma refuses empty lists; no key means "none"
-    return meta
+    return kind_of(task).metadata(label)
 
 
 def describe_label(task, label: dict, raw: Any = None) -> str:
     """The document text: what the teacher found, in words a text query can match."""
-    ontology = getattr(task, "ontology", {})
-    if task.kind in ("points", "boxes"):
-        # "2 explicit: <its description>. 1 implicit: <...>." in ontology order: a text query about what
-        # things look like then ranks the entries where such things make up more of the image first
-        items = label["points"] if task.kind == "points" else label["objects"]
-        counts = {name: sum(item["label"] == name for item in items) for name in ontology}
-        parts = [f"{n} {name}: {ontology[name].description}." for name, n in counts.items() if n] or ["Nothing found."]
-        if task.kind == "boxes":
-            parts += [f"{o['label']}: {o['description']}." for o in items if o.get("description")]
-            parts += [f"Q: {qa['question']} A: {qa['answer']}" for qa in label.get("qa", [])]
-    elif task.kind == "caption":
-        entity = label["entity"]
-        parts = [f"{entity}: {label['caption']}"]
-        if entity in ontology:
-            parts.append(f"{entity}: {ontology[entity].description}.")
-    elif task.kind == "multilabel":
-        present = [(n, p) for n, p in label["probabilities"].items() if p >= task.threshold]
-        if present:
-            parts = ["Findings: " + ", ".join(f"{n} ({p:.2f})" for n, p in present) + "."]
-            parts += [f"{n}: {ontology[n].description}." for n, _ in present if n in ontology]
-        else:
-            parts = [f"No finding above {task.threshold:g}."]
-    else:
-        parts = [", ".join(f"{n} {v:g} {task.targets[n].unit}".strip() for n, v in label["values"].items()) + "."]
+    parts = kind_of(task).document(label)
     if isinstance(raw, dict) and isinstance(raw.get("notes"), str) and raw["notes"].strip():
         parts.append(f"Notes: {raw['notes'].strip()}")
     return " ".join(parts)
@@ -208,32 +159,15 @@ def describe_label(task, label: dict, raw: Any = None) -> str:
 
 def summarise_label(task, label: dict) -> str:
     """A few words for tables: `2 explicit, 1 implicit`, the entity, the findings, the values."""
-    if task.kind in ("points", "boxes"):
-        items = label["points"] if task.kind == "points" else label["objects"]
-        counts = {name: sum(item["label"] == name for item in items) for name in task.ontology}
-        return ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "nothing"
-    if task.kind == "caption":
-        return label["entity"]
-    if task.kind == "multilabel":
-        return ", ".join(n for n, p in label["probabilities"].items() if p >= task.threshold) or "no finding"
-    return ", ".join(f"{n} {v:g}" for n, v in label["values"].items())
+    return kind_of(task).summary(label)
 
 
 def teacher_confidence(task, label: dict, raw: Any) -> float | None:
-    """The teacher's confidence when it gave one: mean object score, multilabel certainty, or a
-    `confidence` field in its answer. None when unknown (most VLMs give none)."""
+    """The teacher's confidence when it gave one: a `confidence` field in its answer, else what the kind
+    reads off the label (mean object score, multilabel certainty). None when unknown (most VLMs give none)."""
     if isinstance(raw, dict) and isinstance(raw.get("confidence"), (int, float)):
         return float(raw["confidence"])
-    if task.kind == "multilabel":
-        probs = list(label["probabilities"].values())
-        return float(np.mean([max(p, 1 - p) for p in probs])) if probs else None
-    if task.kind in ("points", "boxes") and isinstance(raw, dict):
-        items = raw.get("points" if task.kind == "points" else "objects")
-        scores = [i.get("score", i.get("confidence")) for i in items or [] if isinstance(i, dict)]
-        scores = [float(s) for s in scores if isinstance(s, (int, float))]
-        if scores:
-            return float(np.mean(scores))
-    return None
+    return kind_of(task).confidence(label, raw)
 
 
 def where_filter(where: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -270,10 +204,8 @@ class SourceImages:
             self.fs = pafs.LocalFileSystem()
 
     def read(self, source_uri: str) -> bytes:
-        path = source_uri.split("://", 1)[1] if "://" in source_uri else source_uri
         try:
-            with self.fs.open_input_stream(path) as f:
-                return f.read()
+            return read_bytes(source_uri, self.fs)
         except (OSError, pa.ArrowException) as e:
             raise KnowledgeBaseError(f"{source_uri}: cannot read the labelled image: {e}") from None
 

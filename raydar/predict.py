@@ -15,27 +15,22 @@ prompt, without generating: each point scored by the head's objectness.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from raydar.checkpoint import ADAPTER_DIR, PROCESSOR_DIR, adapter_digest, local_checkpoint, saved_spec
 from raydar.heads import HEAD_FILE, PointsHead
 from raydar.images import ImageProblem, prepare_image
 from raydar.models import load_processor, resolve_base_model
 from raydar.sft import SFTExamples
-from raydar.spec import DatasetSpec, SpecError
-from raydar.tasks import AnswerError
+from raydar.spec import DatasetSpec
+from raydar.kinds import AnswerError
 
-ADAPTER_DIR = "adapter"
-PROCESSOR_DIR = "processor"
-SPEC_FILE = "spec.json"
-METRICS_FILE = "metrics.json"
 _ITEM = re.compile(r"\{[^{}]*\}")  # one object of an answer's list: {"label": ..., "x": ..., "y": ...}
 
 
@@ -63,12 +58,12 @@ class StudentDetector:
     # ------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, uri: str, *, device: str | None = None, max_new_tokens: int = 256) -> StudentDetector:
-        """A checkpoint folder as `jobs/finetune.py::save_checkpoint` writes it (local or any pyarrow URI),
+        """A checkpoint folder as the finetune job writes it (raydar.checkpoint; local or any pyarrow URI),
         or a run folder holding several (the best by validation loss is used)."""
         from peft import PeftModel
 
-        folder = _checkpoint_folder(_local_copy(uri))
-        spec = DatasetSpec.model_validate_json((folder / SPEC_FILE).read_text())
+        folder = local_checkpoint(uri)
+        spec = saved_spec(folder)
         device = device or _default_device()
         from transformers import AutoProcessor
 
@@ -81,10 +76,9 @@ class StudentDetector:
             from raydar.heads import load_head
 
             head = load_head(folder).to(device)
-        weights = folder / ADAPTER_DIR / "adapter_model.safetensors"
-        version = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
         return cls(spec, network.to(device), processor, head=head, model=spec.student.base_model,
-                   adapter_version=version, checkpoint=str(uri), device=device, max_new_tokens=max_new_tokens)
+                   adapter_version=adapter_digest(folder), checkpoint=str(uri), device=device,
+                   max_new_tokens=max_new_tokens)
 
     @classmethod
     def from_base(cls, spec: DatasetSpec, *, device: str | None = None, max_new_tokens: int = 256) -> StudentDetector:
@@ -165,13 +159,9 @@ class StudentDetector:
             label = self.kind.parse(raw, width, height)
         except AnswerError as e:
             return {"label": None, "raw": raw, "error": f"unusable answer: {e}", "score": answer_score}
-        items = label.get("points", label.get("objects"))
-        if items is not None:
-            scores = object_scores(tokenizer, ids, logprobs, len(items))
-            for item, score in zip(items, scores or [answer_score] * len(items)):
-                item["score"] = round(score, 4)
-        elif "caption" in label:
-            label["score"] = round(answer_score, 4)
+        objects = label.get(self.kind.objects_key) if self.kind.objects_key else None
+        scores = object_scores(tokenizer, ids, logprobs, len(objects)) if objects is not None else None
+        label = self.kind.with_scores(label, scores, answer_score)
         return {"label": label, "raw": raw, "error": None, "score": answer_score}
 
     def _head_labels(self, inputs, new: torch.Tensor) -> list[dict]:
@@ -233,42 +223,3 @@ def _load_base(spec: DatasetSpec, device: str, path: Path | None = None):
     path = path or resolve_base_model(spec.student.base_model, spec.student.family)
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-
-
-def _local_copy(uri: str) -> Path:
-    """A local folder with the checkpoint: the folder itself, or a copy of a remote one (s3://, gs://, ...)."""
-    if "://" not in str(uri) or str(uri).startswith("file://"):
-        folder = Path(str(uri).removeprefix("file://")).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{uri}: no such checkpoint folder")
-        return folder
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(str(uri))
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"{uri}: no such checkpoint folder")
-    local = Path(tempfile.mkdtemp(prefix="raydar-checkpoint-"))
-    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
-
-
-def _checkpoint_folder(folder: Path) -> Path:
-    """The folder itself if it is a checkpoint; for a run folder, its checkpoint with the lowest validation loss."""
-    if (folder / ADAPTER_DIR).is_dir():
-        missing = [name for name in (SPEC_FILE, PROCESSOR_DIR) if not (folder / name).exists()]
-        if missing:
-            raise SpecError(f"{folder}: not a complete finetune checkpoint (missing {', '.join(missing)})")
-        return folder
-    candidates = [c for c in sorted(folder.glob("checkpoint_*")) if (c / ADAPTER_DIR).is_dir()]
-    if not candidates:
-        raise SpecError(f"{folder}: holds no finetune checkpoint (an {ADAPTER_DIR}/ folder, or checkpoint_*/ "
-                        "folders with one, as `raydar finetune` writes)")
-
-    def val_loss(c: Path) -> float:
-        try:
-            loss = float(json.loads((c / METRICS_FILE).read_text()).get("val_loss", math.inf))
-        except (OSError, ValueError):
-            return math.inf
-        return loss if math.isfinite(loss) else math.inf
-
-    return _checkpoint_folder(min(candidates, key=lambda c: (val_loss(c), -candidates.index(c))))

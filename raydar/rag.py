@@ -32,7 +32,7 @@ from raydar.kb import (
     SourceImages,
 )
 from raydar.spec import DatasetSpec
-from raydar.tasks import task_kind
+from raydar.kinds import kind_of
 from raydar.teacher.client import TeacherClient, image_message, image_part
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class RagDetector:
         self.spec = spec
         self.kb = kb
         self.client = client
-        self.kind = task_kind(spec.task, spec.teacher.coordinates)
+        self.kind = kind_of(spec.task, spec.teacher.coordinates)
         self.k = spec.knowledge_base.examples_per_prompt if k is None else k
         self.where = dict(spec.knowledge_base.where) if where is None else where
         self.images = images
@@ -87,7 +87,7 @@ class RagDetector:
                 "(`raydar teacher serve --ground-truth <images>`) and pass its URL as base_url"
             )
         kb = KnowledgeBase.open(spec, storage, read_only=read_only)
-        client = TeacherClient(spec.teacher, task_kind(spec.task, spec.teacher.coordinates), base_url=url)
+        client = TeacherClient(spec.teacher, kind_of(spec.task, spec.teacher.coordinates), base_url=url)
         return cls(spec, kb, client, images=SourceImages(spec, storage), k=k, where=where)
 
     async def close(self) -> None:

@@ -6,7 +6,7 @@ size the processor really produced (Qwen resizes to multiples of 28 within its p
 Qwen2.5-VL answers in those pixels). The loss is on the answer tokens only: every prompt and
 image token is labelled -100.
 
-    builder = SFTExamples(processor, FAMILIES["qwen2_vl"], task_kind(spec.task, "per_mille"), prompt)
+    builder = SFTExamples(processor, FAMILIES["qwen2_vl"], kind_of(spec.task, "per_mille"), prompt)
     batch = collate([builder.example(image, label) for image, label in rows], processor)
     loss = model(**batch).loss
 """
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from raydar.models.families import FAMILIES, Family
-from raydar.tasks import TaskKind, task_kind
+from raydar.kinds import TaskKind, kind_of
 
 IGNORE = -100  # the label torch's cross-entropy skips
 
@@ -70,14 +70,14 @@ class SFTExamples:
         """The builder of the spec's student: its family's coordinates and `student_prompt`. Training and
         inference both take it from here, so the student is asked exactly as it was taught."""
         family = FAMILIES[spec.student.family]
-        kind = task_kind(spec.task, family.coordinates)
+        kind = kind_of(spec.task, family.coordinates)
         return cls(processor, family, kind, student_prompt(spec, kind))
 
     def __post_init__(self) -> None:
         if self.kind.coordinates != self.family.coordinates:
             raise ValueError(
                 f"the task kind writes {self.kind.coordinates} coordinates but {self.family.name} models use "
-                f"{self.family.coordinates}: build it with task_kind(spec, FAMILIES[{self.family.name!r}].coordinates)"
+                f"{self.family.coordinates}: build it with kind_of(spec, FAMILIES[{self.family.name!r}].coordinates)"
             )
         self.prompt_text = self.processor.apply_chat_template(
             user_turn(self.prompt), add_generation_prompt=True, tokenize=False

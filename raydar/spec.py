@@ -11,12 +11,14 @@ import hashlib
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TASK_KINDS = ("points", "boxes", "caption", "multilabel", "regression")
+from raydar.kinds import KINDS, TaskSpec
+
+TASK_KINDS = tuple(KINDS)
 
 
 class SpecError(ValueError):
@@ -25,94 +27,6 @@ class SpecError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ---------------------------------------------------------------- task kinds
-
-
-class OntologyClass(_Strict):
-    description: str = Field(description="What the class looks like; goes into the teacher's prompt.")
-    aliases: list[str] = Field(default_factory=list, description="Other names a teacher may answer with.")
-
-
-class _TaskBase(_Strict):
-    instruction: str = Field(description="The task in one or two sentences, as the teacher should read it.")
-    prompt: str | None = Field(
-        default=None,
-        description="Full teacher prompt; default: built from the instruction, ontology and answer format.",
-    )
-
-
-class _ClassTask(_TaskBase):
-    ontology: dict[str, OntologyClass] = Field(description="Class name -> description and aliases.")
-
-    @field_validator("ontology")
-    @classmethod
-    def _ontology_valid(cls, value: dict[str, OntologyClass]) -> dict[str, OntologyClass]:
-        if not value:
-            raise ValueError("needs at least one class")
-        owner: dict[str, str] = {}
-        for name, item in value.items():
-            for alias in {name.strip().lower(), *(a.strip().lower() for a in item.aliases)}:
-                if owner.setdefault(alias, name) != name:
-                    raise ValueError(f"{alias!r} names both {owner[alias]!r} and {name!r}")
-        return value
-
-
-class PointsTask(_ClassTask):
-    kind: Literal["points"]
-    match_radius: float = Field(
-        default=0.03, gt=0, le=0.5, description="Match radius for metrics and fusion, fraction of the image diagonal."
-    )
-
-
-class BoxesTask(_ClassTask):
-    kind: Literal["boxes"]
-    describe_objects: bool = Field(default=True, description="Ask for a description of each object.")
-    questions_per_image: int = Field(default=0, ge=0, description="Q&A pairs to ask the teacher for.")
-    iou_threshold: float = Field(default=0.5, gt=0, lt=1, description="IoU for fusion of boxes.")
-
-
-class CaptionTask(_ClassTask):
-    """The ontology lists the entities; a caption must name the entity shown."""
-
-    kind: Literal["caption"]
-    max_words: int = Field(default=60, gt=0, description="Upper bound on caption length asked of the teacher.")
-
-
-class MultilabelTask(_ClassTask):
-    kind: Literal["multilabel"]
-    threshold: float = Field(default=0.5, gt=0, lt=1, description="Probability above which a class is present.")
-
-
-class RegressionTarget(_Strict):
-    description: str
-    unit: str = ""
-    min: float = 0.0
-    max: float = Field(description="Largest plausible value; used to normalise targets.")
-
-    @model_validator(mode="after")
-    def _range(self) -> RegressionTarget:
-        if self.max <= self.min:
-            raise ValueError(f"max ({self.max}) must be greater than min ({self.min})")
-        return self
-
-
-class RegressionTask(_TaskBase):
-    kind: Literal["regression"]
-    targets: dict[str, RegressionTarget] = Field(description="Target name -> description, unit and range.")
-
-    @field_validator("targets")
-    @classmethod
-    def _targets_not_empty(cls, value: dict[str, RegressionTarget]) -> dict[str, RegressionTarget]:
-        if not value:
-            raise ValueError("needs at least one target")
-        return value
-
-
-TaskSpec = Annotated[
-    Union[PointsTask, BoxesTask, CaptionTask, MultilabelTask, RegressionTask], Field(discriminator="kind")
-]
 
 
 # ---------------------------------------------------------------- images, split
@@ -419,7 +333,7 @@ class DatasetSpec(_Strict):
             unknown = sorted(set(getattr(sim, field_name)) - known)
             if unknown:
                 raise ValueError(f"teacher.simulated.{field_name}: {unknown} not in the task's ontology {sorted(known)}")
-        if self.student.point_head and self.task.kind != "points":
+        if self.student.point_head and not KINDS[self.task.kind].trains_point_head:
             raise ValueError(f"student.point_head: a point head answers points tasks, not {self.task.kind}; "
                              "leave it false")
         return self

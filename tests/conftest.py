@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from raydar.demo import GROUND_TRUTH_FILE, make_demo_cells
+from raydar.demo import make_demo_cells
+from raydar.sources import GROUND_TRUTH_FILE
 from raydar.spec import load_spec
 from raydar.teacher.simulated import Fault, SimulatedTeacher
 from raydar.spec import SimulatedTeacherSettings
@@ -138,14 +139,15 @@ def student_checkpoint(tmp_path_factory, demo_folder) -> Path:
 
 def teach_one_answer(images: list, folder: Path, steps: int = 60) -> Path:
     """Train the tiny Qwen2-VL student's LoRA adapter in-process until greedy decoding gives STUDENT_ANSWER
-    for `images`, and save it as `jobs/finetune.py::save_checkpoint` does. A random tiny model learns
+    for `images`, and save it as the finetune job does (raydar.checkpoint.save_checkpoint). A random tiny model learns
     nothing useful about cells on a CPU, but it can learn one answer in the task's format, which is enough
     to tell the adapter is applied, the answer is read in the right coordinates, and to load-test serving."""
     import torch
 
-    from jobs.finetune import build_student, save_checkpoint
+    from raydar.checkpoint import save_checkpoint
     from raydar.models import resolve_base_model
     from raydar.sft import collate
+    from raydar.student import build_student
 
     spec = load_spec(DEMO_SPEC, overrides={
         "student.lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

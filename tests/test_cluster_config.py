@@ -1,7 +1,7 @@
 """The cluster files users deploy with: ray_cluster.yaml (`ray up`) against the cluster-config schema
 that ships inside the installed ray package and Ray's own config checks, the AWS bootstrap `ray up`
 runs (against moto's EC2) opening no port to the world; the KubeRay RayJob and RayService against
-the fields KubeRay requires, Ray's runtime_env and Serve config schemas, and serving.app's args."""
+the fields KubeRay requires, Ray's runtime_env and Serve config schemas, and serving.args.ServeArgs."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def test_kuberay_rayjob_runs_a_stage_with_auth_on():
 def test_kuberay_rayservice_serves_the_app_builder_with_auth_on():
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import ServeArgs
+    from serving.args import ServeArgs
 
     service = load(KUBERAY / "rayservice.yaml")
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"

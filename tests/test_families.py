@@ -9,8 +9,7 @@ import random
 import pytest
 
 from raydar.models.families import FAMILIES
-from raydar.spec import BoxesTask, CaptionTask, MultilabelTask, PointsTask, RegressionTask
-from raydar.tasks import AnswerError, task_kind
+from raydar.kinds import AnswerError, BoxesTask, CaptionTask, MultilabelTask, PointsTask, RegressionTask, kind_of
 
 ONTOLOGY = {"explicit": {"description": "dark cell"}, "implicit": {"description": "faint cell"}}
 POINTS = PointsTask(kind="points", instruction="Find cells.", ontology=ONTOLOGY)
@@ -39,7 +38,7 @@ def test_points_and_boxes_round_trip_through_each_family(family, original):
     tolerance = {"per_mille": 0.5 / 1000, "pixels": 0.5 / min(w, h), "normalized": 0.5e-2}[fam.coordinates] + 1e-9
     rng = random.Random(f"{family}{original}")
     for spec, label in ((POINTS, random_points(rng)), (BOXES, random_boxes(rng))):
-        kind = task_kind(spec, fam.coordinates)
+        kind = kind_of(spec, fam.coordinates)
         back = kind.parse(kind.answer_text(label, w, h), w, h)
         key = "points" if "points" in label else "objects"
         # Answers list objects in reading order (top to bottom, then left to right).
@@ -57,26 +56,26 @@ def test_points_and_boxes_round_trip_through_each_family(family, original):
 def test_each_family_writes_positions_its_own_way():
     label = {"points": [{"label": "explicit", "x": 0.5, "y": 0.25}]}
     qwen2 = FAMILIES["qwen2_vl"]
-    assert json.loads(task_kind(POINTS, qwen2.coordinates).answer_text(label, 224, 224))["points"][0] == {
+    assert json.loads(kind_of(POINTS, qwen2.coordinates).answer_text(label, 224, 224))["points"][0] == {
         "label": "explicit", "x": 500, "y": 250}
 
     qwen25 = FAMILIES["qwen2_5_vl"]
     size = qwen25.model_image_size(1000, 500, max_pixels=401_408)
     assert size == (896, 448) and size[0] % 28 == 0 and size[1] % 28 == 0
-    assert json.loads(task_kind(POINTS, qwen25.coordinates).answer_text(label, *size))["points"][0] == {
+    assert json.loads(kind_of(POINTS, qwen25.coordinates).answer_text(label, *size))["points"][0] == {
         "label": "explicit", "x": 448, "y": 112}
 
     llava = FAMILIES["llava"]
     assert llava.model_image_size(1000, 500, max_pixels=1) == (1000, 500)
-    assert json.loads(task_kind(POINTS, llava.coordinates).answer_text(label, 1000, 500))["points"][0] == {
+    assert json.loads(kind_of(POINTS, llava.coordinates).answer_text(label, 1000, 500))["points"][0] == {
         "label": "explicit", "x": 0.5, "y": 0.25}
 
 
 def test_reading_a_qwen2_vl_answer_as_fractions_is_caught_not_silently_wrong():
     label = {"points": [{"label": "explicit", "x": 0.5, "y": 0.25}]}
-    text = task_kind(POINTS, "per_mille").answer_text(label, 224, 224)
+    text = kind_of(POINTS, "per_mille").answer_text(label, 224, 224)
     with pytest.raises(AnswerError, match="off the image"):
-        task_kind(POINTS, "normalized").parse(text, 224, 224)
+        kind_of(POINTS, "normalized").parse(text, 224, 224)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +93,7 @@ def test_reading_a_qwen2_vl_answer_as_fractions_is_caught_not_silently_wrong():
     ids=["caption", "multilabel", "regression"],
 )
 def test_kinds_without_positions_round_trip_exactly(spec, label):
-    kind = task_kind(spec, "per_mille")
+    kind = kind_of(spec, "per_mille")
     text = kind.answer_text(label, 224, 224)
     assert kind.parse(text, 224, 224) == label
     assert "Чебурашка" in text or spec.kind != "caption"  # written as text, not \\u escapes
@@ -102,4 +101,4 @@ def test_kinds_without_positions_round_trip_exactly(spec, label):
 
 def test_a_label_that_does_not_fit_the_schema_is_not_turned_into_a_target():
     with pytest.raises(AnswerError, match="unknown class"):
-        task_kind(POINTS).answer_text({"points": [{"label": "neutrophil", "x": 0.1, "y": 0.1}]}, 224, 224)
+        kind_of(POINTS).answer_text({"points": [{"label": "neutrophil", "x": 0.1, "y": 0.1}]}, 224, 224)

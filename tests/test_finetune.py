@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cluster import StorageRoot, connect
-from jobs.finetune import finetune
+from jobs.finetune import REPORT_INTERVAL_S, finetune
 from jobs.label import label_images
 from raydar.heads import PointsHead, load_head
 from raydar.spec import SpecError
@@ -44,6 +46,30 @@ def student_spec(**student):
     return load_spec(DEMO_SPEC, overrides=values)
 
 
+@dataclass(frozen=True)
+class DieOnce:
+    """An `on_step` callback: the rank-0 worker dies at `step`, once (the mark it leaves at `marker` keeps the
+    restarted worker alive)."""
+
+    step: int
+    marker: str
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step != self.step or rank != 0 or os.path.exists(self.marker):
+            return
+        Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.marker).touch()
+        # The controller takes a worker's queued report when it polls (every REPORT_INTERVAL_S): a worker dying
+        # sooner after its checkpoint's report would take the report with it. Waiting out two polls makes the
+        # restart resume from that checkpoint, as a later death would.
+        time.sleep(2 * REPORT_INTERVAL_S)
+        os._exit(1)  # a worker dying mid-run; Ray Train restarts the group from the last checkpoint
+
+
+def die_once(storage: StorageRoot, run_name: str, step: int) -> DieOnce:
+    return DieOnce(step, str(storage.child("demo_cells").local_path("train", run_name, "injected-failure")))
+
+
 def adapter_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     return load_file(Path(checkpoint) / "adapter" / "adapter_model.safetensors")
 
@@ -63,11 +89,13 @@ def assert_learned(result) -> None:
     assert not any("visual" in n for n in weights)  # the vision tower stayed frozen
 
 
+@pytest.mark.slow
 def test_lora_learns_with_two_workers_under_zero3_and_a_restart_takes_up_each_ranks_optimiser_partition(labelled):
     """ZeRO-3 partitions the weights and AdamW's moments over the two ranks; each rank's partition goes into the
     one checkpoint, and the restarted group (rank 0 dies at step 6, in the second epoch) loads them back."""
     spec = student_spec(workers=2, deepspeed_stage=3)
-    result = finetune(spec, labelled, run_name="w2-z3", report_every=2, fail_at_step=6)  # 4 steps an epoch
+    result = finetune(spec, labelled, run_name="w2-z3", report_every=2,
+                      on_step=die_once(labelled, "w2-z3", 6))  # 4 steps an epoch
     per_epoch = [h for h in result.history if "val_loss" in h]
     assert [(h["epoch"], h["step"]) for h in per_epoch] == [(0, 4), (1, 8)], result.history
     assert per_epoch[1]["resumed_from_step"] == 4 and per_epoch[1]["optimizer_restored"] is True, per_epoch
@@ -89,6 +117,7 @@ def assert_checkpoint_files(result) -> None:
         assert (folder / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_a_point_head_trains_beside_the_adapter_and_is_saved_whole_under_zero3(labelled):
     """The demo's student: a point head on the image tokens, LoRA on the language model and the vision tower,
     two workers under ZeRO-3, which partitions the head too; the checkpoint holds it whole, trained."""
@@ -114,9 +143,10 @@ ZERO3_STEPS = """
 import json, os, sys
 import deepspeed, torch
 from PIL import Image
-from jobs.finetune import build_student, deepspeed_config
+from jobs.finetune import deepspeed_config
 from raydar.models import resolve_base_model
 from raydar.sft import collate
+from raydar.student import build_student
 from tests.test_finetune import student_spec
 
 os.environ["LOCAL_RANK"] = "0"  # what a launcher (Ray Train's here) sets for DeepSpeed
@@ -137,6 +167,7 @@ print(json.dumps(complete))
 """
 
 
+@pytest.mark.slow
 def test_under_zero3_a_step_fetches_the_same_modules_whatever_its_batch_size(tmp_path):
     """Every ZeRO-3 worker must fetch the same modules in the same order at every step. Ray Data formats
     batches on several threads, so an epoch's short last batch comes at a different step on each worker;
@@ -154,6 +185,7 @@ def test_under_zero3_a_step_fetches_the_same_modules_whatever_its_batch_size(tmp
     assert complete == [False, True, True, True, True], complete  # recorded at step 1, then held
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", ["4bit", "8bit"], ids=["qlora-4bit", "lora-on-8bit"])
 def test_a_quantised_base_trains(labelled, bits):
     spec = student_spec(quantisation=bits, deepspeed_stage=0, epochs=1)
@@ -162,12 +194,14 @@ def test_a_quantised_base_trains(labelled, bits):
     assert any(t.abs().sum() > 0 for n, t in adapter_weights(result.checkpoint).items() if "lora_B" in n)
 
 
+@pytest.mark.slow
 def test_lora_learns_on_one_worker_under_zero2_and_a_worker_that_dies_mid_run_resumes_from_the_last_checkpoint(
         labelled):
     """One run for both (a run is mostly start-up): the worker dies once at step 9, in the second epoch. Then
     the run is started again under its name."""
     spec = student_spec(deepspeed_stage=2)
-    result = finetune(spec, labelled, run_name="dies", report_every=2, fail_at_step=9)  # 7 steps an epoch
+    result = finetune(spec, labelled, run_name="dies", report_every=2,
+                      on_step=die_once(labelled, "dies", 9))  # 7 steps an epoch
     per_epoch = [h for h in result.history if "val_loss" in h]
     assert labelled.exists("demo_cells", "train", "dies", "injected-failure")  # a worker did die at step 9
     # epoch 0 was not trained again: resumed from its checkpoint, and the step count went on from there
@@ -202,6 +236,7 @@ def test_lora_learns_on_one_worker_under_zero2_and_a_worker_that_dies_mid_run_re
     assert_checkpoint_files(result)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("student", "message"),
     [
@@ -226,6 +261,7 @@ def test_impossible_requests_fail_before_any_worker_starts(labelled, student, me
     assert not labelled.exists("demo_cells", "train", "never")
 
 
+@pytest.mark.slow
 def test_no_labelled_rows_is_a_clear_error(labelled, tmp_path):
     with pytest.raises(FileNotFoundError, match="no labels yet"):
         finetune(student_spec(), StorageRoot(tmp_path / "empty"), run_name="never")
@@ -236,9 +272,9 @@ def test_gradient_checkpointing_recomputes_and_still_trains_the_adapter(demo_fol
     through the frozen embeddings (the input-grad hook PEFT needs)."""
     from PIL import Image
 
-    from jobs.finetune import build_student
     from raydar.models import resolve_base_model
     from raydar.sft import collate
+    from raydar.student import build_student
     from tests.conftest import STUDENT_LABEL, ground_truth_files
 
     spec = student_spec(gradient_checkpointing=True)
@@ -256,8 +292,8 @@ def test_gradient_checkpointing_recomputes_and_still_trains_the_adapter(demo_fol
 def test_lora_on_the_vision_tower_only_when_asked(family):
     """`student.lora.vision` puts LoRA on the vision tower's own layer names (Qwen's qkv / proj / fc1 / fc2,
     CLIP's q_proj ... out_proj), which the language model's target modules do not name."""
-    from jobs.finetune import build_student
     from raydar.models import resolve_base_model
+    from raydar.student import build_student
 
     for vision in (False, True):
         spec = student_spec(base_model=f"raydar-tiny-{family.replace('_', '-')}", family=family, point_head=False,
@@ -268,13 +304,14 @@ def test_lora_on_the_vision_tower_only_when_asked(family):
         assert len(lora) > len(in_vision) > 0 if vision else lora and not in_vision, (vision, lora)
 
 
+@pytest.mark.slow
 def test_each_pass_of_examples_streams_out_in_blocks_of_about_a_batch(labelled):
     """A pass's first batch must not wait for the whole pass: its one Ray task emits the examples in blocks of a
     batch or two, not one block when its input is done (which made every epoch start wait)."""
     from jobs.finetune import example_rows
-    from jobs.label import resolve_source
     from raydar.labels import LabelStore
     from raydar.models import resolve_base_model
+    from raydar.sources import resolve_source
 
     spec = student_spec(max_pixels=112 * 112)  # the size the block target assumes, near the 96-px images' 84x84
     root = labelled.child(spec.name)
@@ -287,6 +324,7 @@ def test_each_pass_of_examples_streams_out_in_blocks_of_about_a_batch(labelled):
     assert ray.data.DataContext.get_current().target_max_block_size != examples.context.target_max_block_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["chest_xray", "nutrition"], ids=["multilabel-head", "regression-head"])
 def test_a_multilabel_or_regression_head_trains_beside_the_adapter_in_the_job(labelled, tmp_path, dataset):
     """The seed 004 and 003 specs on the job: the head learns with the LoRA adapter (one loss, one DeepSpeed
@@ -295,10 +333,10 @@ def test_a_multilabel_or_regression_head_trains_beside_the_adapter_in_the_job(la
     import hashlib
     import json
 
-    from jobs.finetune import build_student
+    from raydar.kinds import kind_of
     from raydar.labels import LabelStore, answered_row
     from raydar.models import resolve_base_model
-    from raydar.tasks import task_kind
+    from raydar.student import build_student
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -323,8 +361,8 @@ def test_a_multilabel_or_regression_head_trains_beside_the_adapter_in_the_job(la
         image_id = hashlib.sha256(data).hexdigest()
         rows.append(answered_row(
             image_id=image_id, source_uri=str(folder / f"{i:03d}.png"), width=64, height=64,
-            split="val" if i % 8 == 0 else "train", task=task_kind(spec.task).name,
-            label=json.dumps(task_kind(spec.task).validate(label)), teacher_model="written-by-the-test",
+            split="val" if i % 8 == 0 else "train", task=kind_of(spec.task).name,
+            label=json.dumps(kind_of(spec.task).validate(label)), teacher_model="written-by-the-test",
             teacher_fingerprint="test", run_id="test"))
     storage = StorageRoot(tmp_path / "store")
     store = LabelStore(storage.child(spec.name, "labels"))

@@ -9,7 +9,7 @@ import pytest
 from ensemble_boxes import weighted_boxes_fusion
 
 from raydar.fusion import agreement, fuse
-from raydar.spec import (
+from raydar.kinds import (
     BoxesTask,
     CaptionTask,
     MultilabelTask,

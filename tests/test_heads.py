@@ -15,7 +15,6 @@ from raydar.heads import (
     MultilabelHead,
     PointsHead,
     RegressionHead,
-    head_for,
     image_token_maps,
     load_head,
     pool_hidden,
@@ -23,7 +22,7 @@ from raydar.heads import (
 )
 from raydar.models.tiny import build_tiny_model
 from raydar.sft import user_turn
-from raydar.spec import MultilabelTask, PointsTask, RegressionTask
+from raydar.kinds import MultilabelTask, PointsTask, RegressionTask, kind_of
 from tests.conftest import COLOURS, squares
 
 
@@ -59,11 +58,12 @@ def train(head, x, y, steps: int = 400, lr: float = 3e-3) -> None:
     head.eval()
 
 
+@pytest.mark.slow
 def test_multilabel_head_learns_held_out_f1_rises(features):
     hidden, x, multilabels, _ = features
     torch.manual_seed(0)
-    head = head_for(MultilabelTask(kind="multilabel", instruction="?", ontology={c: {"description": c}
-                                                                                for c in COLOURS}), hidden)
+    head = kind_of(MultilabelTask(kind="multilabel", instruction="?", ontology={c: {"description": c}
+                                                                               for c in COLOURS})).head(hidden)
     assert isinstance(head, MultilabelHead) and head.net[0].out_features == 1024
     y = head.targets(multilabels)
     train_x, test_x, train_y, test_y = x[:120], x[120:], y[:120], y[120:]
@@ -82,12 +82,13 @@ def test_multilabel_head_learns_held_out_f1_rises(features):
     assert after > before + 0.15 and after > 0.6, (before, after)
 
 
+@pytest.mark.slow
 def test_regression_head_learns_held_out_mae_falls(features):
     hidden, x, _, regressions = features
     torch.manual_seed(0)
     task = RegressionTask(kind="regression", instruction="?", targets={
         "squares": {"description": "how many", "max": 3}, "cover": {"description": "% covered", "max": 100}})
-    head = head_for(task, hidden)
+    head = kind_of(task).head(hidden)
     assert isinstance(head, RegressionHead)
     y = head.targets(regressions)
     assert 0 <= y.min() and y.max() <= 1  # normalised by the spec's ranges
@@ -121,7 +122,7 @@ def test_heads_save_beside_the_adapter_and_load_back(tmp_path):
 
 
 def test_text_only_kinds_have_no_head():
-    assert head_for(PointsTask(kind="points", instruction="?", ontology={"a": {"description": "a"}}), 16) is None
+    assert kind_of(PointsTask(kind="points", instruction="?", ontology={"a": {"description": "a"}})).head(16) is None
 
 
 # ---------------------------------------------------------------- the point head
@@ -130,7 +131,8 @@ def test_text_only_kinds_have_no_head():
 @pytest.fixture(scope="module")
 def cell_maps(tmp_path_factory):
     """Image-token maps of a frozen tiny Qwen2-VL for 120 demo cell images (224 px: 8x8 tokens), computed once."""
-    from raydar.demo import make_demo_cells, read_ground_truth
+    from raydar.demo import make_demo_cells
+    from raydar.sources import read_ground_truth
 
     folder = make_demo_cells(tmp_path_factory.mktemp("cells"), n=120, size=224, seed=3)
     truth = read_ground_truth(folder)
@@ -151,6 +153,7 @@ def cell_maps(tmp_path_factory):
     return model.config.text_config.hidden_size, maps, [r["label"] for r in truth]
 
 
+@pytest.mark.slow
 def test_point_head_learns_held_out_point_f1_rises(cell_maps):
     from raydar.metrics import score
 
@@ -159,7 +162,7 @@ def test_point_head_learns_held_out_point_f1_rises(cell_maps):
     task = PointsTask(kind="points", instruction="?", ontology={"explicit": {"description": "clear"},
                                                                "implicit": {"description": "faint"}})
     torch.manual_seed(0)
-    head = head_for(task, hidden, point_head=True)
+    head = kind_of(task).head(hidden, point_head=True)
     assert isinstance(head, PointsHead) and head.hidden_size == hidden
     train_maps, test_maps = maps[:90], maps[90:]
 
@@ -241,7 +244,7 @@ def test_point_head_saves_and_loads(tmp_path):
 def test_a_point_head_needs_a_points_task():
     task = RegressionTask(kind="regression", instruction="?", targets={"kcal": {"description": "energy", "max": 9}})
     with pytest.raises(ValueError, match="point_head is for points tasks"):
-        head_for(task, 16, point_head=True)
+        kind_of(task).head(16, point_head=True)
 
 
 def test_point_head_answers_each_image_as_alone_in_a_mixed_batch():

@@ -21,7 +21,8 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.submit import WORKING_DIR_EXCLUDES, submit_stage
+from cluster.submit import WORKING_DIR_EXCLUDES
+from jobs.submit import submit_stage
 from tests.conftest import REPO, ground_truth_files
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -75,6 +76,7 @@ def head_node():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_the_label_job_and_the_dashboard_lists_it(tmp_path, head_node, image_folder, teacher):
     env, dashboard = head_node
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": dashboard}  # clients present ~/.ray/auth_token
@@ -101,6 +103,7 @@ def test_ray_job_submit_runs_the_label_job_and_the_dashboard_lists_it(tmp_path, 
     assert refused.returncode != 0
 
 
+@pytest.mark.slow
 def test_raydar_submit_passes_secrets_by_name_and_status_lists_the_job(tmp_path, head_node, image_folder, teacher):
     env, dashboard = head_node
     key, extra = f"sk-test-{uuid.uuid4().hex}", f"extra-{uuid.uuid4().hex}"

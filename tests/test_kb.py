@@ -25,7 +25,8 @@ import pytest
 from cluster import StorageRoot
 from jobs.cli import main as raydar
 from jobs.index import index_labels
-from raydar.demo import make_demo_cells, read_ground_truth
+from raydar.demo import make_demo_cells
+from raydar.sources import read_ground_truth
 from raydar.embeddings import text_embedder
 from raydar.images import prepare_image, teacher_payload
 from raydar.kb import (
@@ -37,7 +38,7 @@ from raydar.kb import (
 from raydar.labels import LabelStore, answered_row
 from raydar.metrics import score
 from raydar.rag import RagDetector
-from raydar.tasks import task_kind
+from raydar.kinds import kind_of
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
 from tests.conftest import REPO, demo_spec, s3_server, start_teacher
 
@@ -46,7 +47,7 @@ def label_with_teacher(spec, folder, records, storage: StorageRoot, source: str 
     """Label `records` of `folder` as the label job does (TeacherClient over HTTP, LabelStore parts and
     snapshot), without starting Ray. `source`: the URI prefix the rows name the images by."""
     source = source or f"{folder}/"
-    kind = task_kind(spec.task, spec.teacher.coordinates)
+    kind = kind_of(spec.task, spec.teacher.coordinates)
     fingerprint = teacher_fingerprint(spec.teacher, kind, spec.images.max_pixels)
 
     async def ask_all():
@@ -237,6 +238,7 @@ def test_read_only_replica_holds_every_entry_with_the_same_vectors(built, monkey
             {h.id: (h.document, h.metadata) for h in built.kb.list(limit=None)}
 
 
+@pytest.mark.slow
 def test_a_build_killed_half_way_is_completed_by_the_next_one(built, tmp_path, capsys):
     """`raydar kb build` in a subprocess, 8 entries a batch, is killed (SIGKILL) once it has written two
     batches. The third batch's first image is a FIFO no one writes to, so the build cannot get further
@@ -477,7 +479,7 @@ def test_rag_prompt_reaching_the_endpoint_carries_the_retrieved_examples(built):
     (entry,) = teacher.log
     assert entry.n_images == 4 and entry.image == query["file"]  # the question is about the last image
     assert entry.examples == [by_id[i]["file"] for i in result["examples"]]  # the teacher recognised each one
-    kind = task_kind(spec.task, spec.teacher.coordinates)
+    kind = kind_of(spec.task, spec.teacher.coordinates)
     for i in result["examples"]:  # each example's label went along as the answer to its image
         hit = built.kb.list(where={"image_id": i})[0]
         assert kind.answer_text(hit.label, hit.metadata["width"], hit.metadata["height"]) in entry.prompt
@@ -519,6 +521,7 @@ def test_rag_beats_zero_shot_on_held_out_images(built):
 # ---------------------------------------------------------------- on Ray
 
 
+@pytest.mark.slow
 def test_embedding_on_ray_data_gives_the_same_vectors_as_in_process(built, tmp_path):
     import ray
 

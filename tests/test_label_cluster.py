@@ -106,6 +106,7 @@ def _wait_for(read, done, timeout_s: float):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_labelling_spreads_over_two_nodes(two_nodes, labelled):
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     assert labelled.result.ok_new == len(ground_truth_files(labelled.folder)) == labelled.requests
@@ -115,6 +116,7 @@ def test_labelling_spreads_over_two_nodes(two_nodes, labelled):
     assert two_nodes.worker.node_id in nodes and len(nodes) == 2, f"labelling actors ran on {nodes}"
 
 
+@pytest.mark.slow
 def test_label_metrics_reach_prometheus_from_both_nodes(two_nodes, labelled):
     """Images by outcome, teacher requests and latency, cache hits and failures by reason: counted in the
     labelling actors on both nodes and exported by each node's agent; images/s set by the driver."""
@@ -145,6 +147,7 @@ def test_label_metrics_reach_prometheus_from_both_nodes(two_nodes, labelled):
     assert _sum(samples, "ray_raydar_teacher_requests_total") == labelled.requests + 3 * 2  # 1 retry each
 
 
+@pytest.mark.slow
 def test_two_worker_finetune_runs_one_worker_per_node(two_nodes, labelled):
     """Ray Train places one worker on each node (STRICT_SPREAD); both read the labels and write the checkpoint
     through the one storage root."""

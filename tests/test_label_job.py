@@ -93,6 +93,7 @@ def test_adding_ten_images_makes_exactly_ten_calls(tmp_path, image_folder, teach
     assert second.ok_new == 10 and second.cached == len(files) - 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change", [{"teacher.model": "another-teacher"}, {"task.prompt": "Point at every cell. JSON only."}]
 )
@@ -141,6 +142,7 @@ def test_every_injected_fault_is_survived(tmp_path, image_folder, fault, attempt
             assert second.time - first.time >= 0.4 - 0.05
 
 
+@pytest.mark.slow
 def test_teacher_that_keeps_failing_gives_failed_rows_retried_on_later_runs_then_given_up(tmp_path, image_folder):
     with start_teacher(image_folder, faults=[Fault("server_error", per_image=100)]) as sim:
         spec = demo_spec(image_folder, sim.base_url, **{"teacher.retries": 1, "teacher.max_failed_runs": 2})
@@ -176,6 +178,7 @@ def test_an_unreachable_teacher_is_one_failure_reason_without_its_address(tmp_pa
     assert result.failed == 3 and result.failures == {"cannot reach the teacher": 3}
 
 
+@pytest.mark.slow
 def test_concurrency_cap_and_one_rate_for_the_whole_job(tmp_path, image_folder):
     with start_teacher(image_folder, latency_s=0.05) as sim:
         capped = demo_spec(image_folder, sim.base_url, **{"teacher.concurrency": 3, "teacher.actors": 1})
@@ -279,6 +282,7 @@ def test_empty_folder_is_a_clear_error(tmp_path, teacher):
 # ---------------------------------------------------------------- crash and resume
 
 
+@pytest.mark.slow
 def test_job_killed_half_way_loses_no_stored_label_and_asks_only_for_the_rest(tmp_path, image_folder):
     with start_teacher(image_folder, latency_s=0.3) as sim:  # 40 images one at a time: about 12 s
         storage = StorageRoot(tmp_path / "store")

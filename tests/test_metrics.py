@@ -15,8 +15,10 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from raydar.metrics import match_radius, match_within_radius, normalise_name, score
-from raydar.spec import (
+from raydar.kinds.caption import normalise_name
+from raydar.kinds.points import match_radius, match_within_radius
+from raydar.metrics import score
+from raydar.kinds import (
     BoxesTask,
     CaptionTask,
     MultilabelTask,

@@ -17,7 +17,7 @@ from jobs.pipeline import run_pipeline
 from raydar.spec import load_spec
 from tests.conftest import DEMO_SPEC, TEST_STUDENT
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raydar.predict import StudentDetector, object_scores
-from raydar.tasks import task_kind
+from raydar.kinds import kind_of
 from tests.conftest import REPO, STUDENT_ANSWER, ground_truth_files
 
 
@@ -26,9 +26,10 @@ def images(demo_folder) -> list[bytes]:
     return [(demo_folder / name).read_bytes() for name in ground_truth_files(demo_folder)[:4]]
 
 
+@pytest.mark.slow
 def test_the_checkpoint_answers_in_the_schema_with_scores(detector, images):
     results = detector.detect(images)
-    kind = task_kind(detector.spec.task)
+    kind = kind_of(detector.spec.task)
     assert len(results) == len(images)
     for result in results:
         assert result["error"] is None, result
@@ -44,6 +45,7 @@ def test_the_checkpoint_answers_in_the_schema_with_scores(detector, images):
     assert detector.adapter_version == "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
 
 
+@pytest.mark.slow
 def test_the_adapter_is_applied(detector, images):
     base = StudentDetector.from_base(detector.spec, max_new_tokens=40)
     assert base.adapter_version is None
@@ -58,12 +60,14 @@ def test_the_adapter_is_applied(detector, images):
         assert not torch.allclose(detector.network(**inputs).logits, base.network(**inputs).logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_bad_image_fails_alone(detector, images):
     results = detector.detect([b"GIF89a-but-not-really", images[0]])
     assert results[0]["label"] is None and results[0]["error"].startswith("image 0: corrupt")
     assert results[1]["label"]["points"][0]["label"] == "explicit"
 
 
+@pytest.mark.slow
 def test_a_run_folder_means_its_best_checkpoint(student_checkpoint, detector, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(student_checkpoint, run / "checkpoint_000001")
@@ -82,6 +86,7 @@ def test_missing_or_empty_checkpoints_say_what_is_wrong(tmp_path):
         StudentDetector.from_checkpoint(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_object_scores_come_from_each_objects_own_tokens(detector):
     tokenizer = detector.processor.tokenizer
     text = '{"points": [{"label": "explicit", "x": 1, "y": 2}, {"label": "implicit", "x": 3, "y": 4}]}'
@@ -96,9 +101,10 @@ def test_object_scores_come_from_each_objects_own_tokens(detector):
 
 
 def test_a_multilabel_checkpoint_answers_with_its_head(tmp_path, images):
-    from jobs.finetune import build_student, save_checkpoint
+    from raydar.checkpoint import save_checkpoint
     from raydar.models import resolve_base_model
     from raydar.spec import load_spec
+    from raydar.student import build_student
 
     spec = load_spec(REPO / "datasets" / "chest_xray.yaml", overrides={"student.base_model": "raydar-tiny-qwen2-vl"})
     torch.manual_seed(0)
@@ -108,7 +114,7 @@ def test_a_multilabel_checkpoint_answers_with_its_head(tmp_path, images):
     detector = StudentDetector.from_checkpoint(str(tmp_path), max_new_tokens=8)
     assert detector.head is not None
     results = detector.detect(images[:2])
-    kind = task_kind(spec.task)
+    kind = kind_of(spec.task)
     for result in results:
         assert result["error"] is None  # the head answers even when the generated text is no JSON
         assert set(result["label"]["probabilities"]) == set(spec.task.ontology)
@@ -119,10 +125,11 @@ def test_a_multilabel_checkpoint_answers_with_its_head(tmp_path, images):
 
 
 def test_a_point_head_checkpoint_answers_from_one_forward_pass(tmp_path, images):
-    from jobs.finetune import build_student, save_checkpoint
+    from raydar.checkpoint import save_checkpoint
     from raydar.heads import PointsHead
     from raydar.models import resolve_base_model
     from raydar.spec import load_spec
+    from raydar.student import build_student
 
     spec = load_spec(REPO / "datasets" / "demo_cells.yaml", overrides={"student.point_head": True})
     torch.manual_seed(0)
@@ -135,7 +142,7 @@ def test_a_point_head_checkpoint_answers_from_one_forward_pass(tmp_path, images)
     detector.network.generate = lambda *a, **k: calls.append(1)  # the head needs no generated text
     results = detector.detect(images[:2] + [b"not an image"])
     assert not calls and results[2]["label"] is None and "image 2" in results[2]["error"]
-    kind = task_kind(spec.task)
+    kind = kind_of(spec.task)
     for result in results[:2]:
         assert result["error"] is None and result["raw"] == ""
         assert kind.validate(result["label"]) == result["label"]

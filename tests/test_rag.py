@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raydar.demo import read_ground_truth
 from raydar.embeddings import EmbedderError, image_embedder
+from raydar.sources import read_ground_truth
 from tests.conftest import start_teacher
 
 

@@ -20,6 +20,8 @@ from jobs.label import label_images
 from raydar.labels import LabelStore
 from tests.conftest import TEST_STUDENT, demo_spec, ground_truth_files, s3_server, start_teacher
 
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3; Ray started inside it, so the read tasks on Ray's workers find the credentials."""

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raydar.demo import read_ground_truth
 from raydar.fusion import fuse
 from raydar.metrics import score
+from raydar.evaluation import Evaluation, MemberEvaluation
 from raydar.report import write_report
+from raydar.sources import read_ground_truth
 from raydar.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,13 +93,13 @@ def test_points_report_numbers_equal_metrics_json(tmp_path, demo_folder):
     ensemble = [fuse(spec.task, {"finetuned": f, "rag": r}, spec.serving.weights) for f, r in zip(finetuned, rag)]
     history = [{"step": s, "loss": 2.0 / (1 + s), **({"val_loss": 2.2 / (1 + s)} if s % 4 == 0 else {})}
                for s in range(17)]
-    evaluation = {
-        "split": "test", "truths": truths,
-        "members": {"base": {"predictions": base, "description": "untuned"}, "finetuned": {"predictions": finetuned},
-                    "rag": {"predictions": rag}, "ensemble": {"predictions": ensemble}},
-        "images": [str(demo_folder / r["file"]) for r in records], "image_ids": [r["image_id"] for r in records],
-        "history": history, "samples": 3,
-    }
+    evaluation = Evaluation(
+        split="test", truths=truths,
+        members={"base": MemberEvaluation(base, description="untuned"), "finetuned": MemberEvaluation(finetuned),
+                 "rag": MemberEvaluation(rag), "ensemble": MemberEvaluation(ensemble)},
+        images=[str(demo_folder / r["file"]) for r in records], image_ids=[r["image_id"] for r in records],
+        history=history, samples=3,
+    )
     path = write_report(tmp_path / "report", spec, evaluation)
     data, parser = check_report(path)
 
@@ -145,10 +146,10 @@ def test_every_kind_writes_a_report_whose_numbers_equal_metrics_json(tmp_path, k
     assert spec.task.kind == kind
     rng = np.random.default_rng(0)
     truths = [truth(spec.task, rng) for _ in range(6)]
-    members = {"base": {"predictions": [predict(spec.task, rng) for _ in truths]},
-               "finetuned": {"predictions": [predict(spec.task, rng) for _ in truths[:-1]] + [None]}}
-    path = write_report(tmp_path, spec, {"truths": truths, "members": members,
-                                         "images": [_image(i) for i in range(6)], "samples": 2})
+    members = {"base": MemberEvaluation([predict(spec.task, rng) for _ in truths]),
+               "finetuned": MemberEvaluation([predict(spec.task, rng) for _ in truths[:-1]] + [None])}
+    path = write_report(tmp_path, spec, Evaluation(truths=truths, members=members,
+                                                   images=[_image(i) for i in range(6)], samples=2))
     data, parser = check_report(path)
     assert data["task"] == kind and data["members"]["finetuned"]["failed"] == 1
     assert "No training history" in path.read_text()
@@ -162,9 +163,9 @@ def test_a_bad_evaluation_is_refused_with_what_was_expected(tmp_path):
     spec = load_spec(REPO / "datasets" / "demo_cells.yaml")
     truth = {"points": []}
     with pytest.raises(ValueError, match="members"):
-        write_report(tmp_path, spec, {"truths": [truth], "members": {}})
+        write_report(tmp_path, spec, Evaluation(truths=[truth], members={}))
     with pytest.raises(ValueError, match=r"'finetuned'.*2 labels for 1 truths"):
-        write_report(tmp_path, spec, {"truths": [truth], "members": {"finetuned": {"predictions": [truth, truth]}}})
+        write_report(tmp_path, spec, Evaluation(truths=[truth], members={"finetuned": MemberEvaluation([truth, truth])}))
     with pytest.raises(ValueError, match="before_after"):
-        write_report(tmp_path, spec, {"truths": [truth], "members": {"base": {"predictions": [truth]}},
-                                      "before_after": ["base", "finetuned"]})
+        write_report(tmp_path, spec, Evaluation(truths=[truth], members={"base": MemberEvaluation([truth])},
+                                                before_after=("base", "finetuned")))

@@ -28,12 +28,15 @@ from PIL import Image
 from cluster import StorageRoot, connect
 from jobs.index import index_labels
 from jobs.label import FEEDBACK_MODEL, label_feedback, label_images
-from raydar.demo import read_ground_truth
+from raydar.sources import read_ground_truth
 from raydar.feedback import FeedbackLog
 from raydar.labels import LabelStore
 from raydar.metrics import score
 from raydar.spec import load_spec
-from serving.app import DetectResponse, ServeArgs, _read_token, build_app
+from serving.api import DetectResponse
+from serving.app import build_app
+from serving.args import ServeArgs
+from serving.ingress import read_token
 from tests.conftest import DEMO_SPEC, REPO, STUDENT_ANSWER, start_teacher
 
 APP = "raydar"
@@ -98,6 +101,7 @@ def detect(client: httpx.Client, data: bytes, **params) -> httpx.Response:
 # ---------------------------------------------------------------- answers
 
 
+@pytest.mark.slow
 def test_fused_results_on_demo_images(served):
     predictions, truths = [], []
     with served.client() as client:
@@ -121,6 +125,7 @@ def test_fused_results_on_demo_images(served):
     assert score(served.spec.task, predictions, truths)["detection"]["f1"] >= 0.8
 
 
+@pytest.mark.slow
 def test_json_base64_and_raw_bodies_answer_alike(served):
     data = served.image(5)
     with served.client() as client:
@@ -133,6 +138,7 @@ def test_json_base64_and_raw_bodies_answer_alike(served):
     assert by_json.json()["image_id"] == by_body.json()["image_id"]
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched(served):
     async def burst():
         async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {TOKEN}"},
@@ -145,6 +151,7 @@ def test_concurrent_requests_are_batched(served):
     assert max(r.json()["members"]["finetuned"]["batch_size"] for r in responses) > 1
 
 
+@pytest.mark.slow
 def test_a_lone_request_starts_its_batch_at_once_and_a_busy_student_waits_to_fill_one(served):
     """With a batch wait of 3 s: a request that finds the student idle is answered well within it; requests
     arriving while it is busy wait for the batch to fill (here: until the burst is in)."""
@@ -153,7 +160,7 @@ def test_a_lone_request_starts_its_batch_at_once_and_a_busy_student_waits_to_fil
     args = {**served.args, "members": ["finetuned"], "batch_wait_timeout_s": 3.0, "max_batch_size": 8}
     try:
         serve.run(build_app(args), name="slowfill", route_prefix="/slowfill")
-        handle = serve.get_deployment_handle("FineTunedDetector", app_name="slowfill")
+        handle = serve.get_deployment_handle("FineTunedMember", app_name="slowfill")
         handle.detect.remote(served.image(0)).result(timeout_s=60)  # the adapter is loaded
         started = time.monotonic()
         lone = handle.detect.remote(served.image(1)).result(timeout_s=60)
@@ -175,6 +182,7 @@ def test_a_lone_request_starts_its_batch_at_once_and_a_busy_student_waits_to_fil
         serve.delete("slowfill")
 
 
+@pytest.mark.slow
 def test_requests_that_arrive_while_a_batch_runs_go_together_in_the_next_one(served):
     """No batch wait at all: the first of a burst finds the student idle and starts a batch at once; the rest
     arrive while it runs and wait for it to end, then go in one batch, not in small ones queued behind it.
@@ -184,7 +192,7 @@ def test_requests_that_arrive_while_a_batch_runs_go_together_in_the_next_one(ser
     args = {**served.args, "members": ["finetuned"], "batch_wait_timeout_s": 0.0, "max_batch_size": 8}
     try:
         serve.run(build_app(args), name="nowait", route_prefix="/nowait")
-        handle = serve.get_deployment_handle("FineTunedDetector", app_name="nowait")
+        handle = serve.get_deployment_handle("FineTunedMember", app_name="nowait")
         handle.detect.remote(served.image(0)).result(timeout_s=60)  # the adapter is loaded
 
         async def burst():
@@ -200,6 +208,7 @@ def test_requests_that_arrive_while_a_batch_runs_go_together_in_the_next_one(ser
 # ---------------------------------------------------------------- the documented API and its guards
 
 
+@pytest.mark.slow
 def test_the_documented_api(served):
     with served.client(token=None) as anonymous:
         spec = anonymous.get("/openapi.json").json()  # docs are public: they hold no data
@@ -216,6 +225,7 @@ def test_the_documented_api(served):
         assert client.get("/readyz").json() == {"ready": True, "members": {"finetuned": "ready", "rag": "ready"}}
 
 
+@pytest.mark.slow
 def test_auth(served, monkeypatch, tmp_path):
     with served.client(token=None) as anonymous:
         assert anonymous.get("/healthz").status_code == 200
@@ -233,11 +243,11 @@ def test_auth(served, monkeypatch, tmp_path):
     secret = tmp_path / "token"
     secret.write_text("from-file\n")
     monkeypatch.setenv("RAYDAR_TEST_TOKEN", "from-env")
-    assert _read_token("RAYDAR_TEST_TOKEN", str(secret)) == "from-env"
+    assert read_token("RAYDAR_TEST_TOKEN", str(secret)) == "from-env"
     monkeypatch.delenv("RAYDAR_TEST_TOKEN")
-    assert _read_token("RAYDAR_TEST_TOKEN", str(secret)) == "from-file"
+    assert read_token("RAYDAR_TEST_TOKEN", str(secret)) == "from-file"
     with pytest.raises(RuntimeError, match=r"set \$RAYDAR_TEST_TOKEN or the file"):
-        _read_token("RAYDAR_TEST_TOKEN", str(tmp_path / "missing"))
+        read_token("RAYDAR_TEST_TOKEN", str(tmp_path / "missing"))
 
 
 def _png(size: tuple[int, int], mode: str = "L") -> bytes:
@@ -246,6 +256,7 @@ def _png(size: tuple[int, int], mode: str = "L") -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_every_bad_input_gets_its_status_and_the_replicas_stay_healthy(served):
     good = served.image(0)
     bomb = _png((1500, 1500))  # 2.25 M pixels in a few kB: over the 1 M limit, refused from its header
@@ -290,6 +301,7 @@ def test_every_bad_input_gets_its_status_and_the_replicas_stay_healthy(served):
 # ---------------------------------------------------------------- the feedback loop
 
 
+@pytest.mark.slow
 def test_feedback_rows_are_logged_and_become_training_data(served):
     new = list(range(LABELLED, LABELLED + 3))  # images the labels and the knowledge base do not hold yet
     with served.client() as client:
@@ -336,6 +348,7 @@ def test_feedback_rows_are_logged_and_become_training_data(served):
 # ---------------------------------------------------------------- overload, failures, redeploys
 
 
+@pytest.mark.slow
 def test_a_burst_over_the_limits_gets_503_and_recovers(served):
     async def burst():
         async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {TOKEN}"},
@@ -388,6 +401,7 @@ class Load:
             t.join(timeout=60)
 
 
+@pytest.mark.slow
 def test_a_member_killed_under_load_degrades_answers_and_the_endpoint_keeps_answering(served):
     from ray import serve
 
@@ -397,7 +411,7 @@ def test_a_member_killed_under_load_degrades_answers_and_the_endpoint_keeps_answ
     with Load(served) as load:
         load.wait_for(lambda t, s, b: student_ok(s, b), "answer from the student")
         [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["name"].startswith(f"SERVE_REPLICA::{APP}#FineTunedDetector#")]
+                     if a["name"].startswith(f"SERVE_REPLICA::{APP}#FineTunedMember#")]
         killed = time.monotonic()
         ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
         # The ingress's adapter registry (kept 2 s) goes stale while the student has no live replica:
@@ -448,6 +462,7 @@ def _new_adapter_version(checkpoint: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_new_adapter_is_deployed_while_the_endpoint_keeps_answering(served, tmp_path):
     from ray import serve
 
@@ -495,6 +510,7 @@ def test_bad_args_are_refused_naming_the_field(args, message):
         build_app(args)
 
 
+@pytest.mark.slow
 def test_detections_served_and_member_disagreement_reach_prometheus(served):
     """The endpoint's own metrics (ray.util.metrics) as the node's Prometheus endpoint exports them."""
     from prometheus_client.parser import text_string_to_metric_families

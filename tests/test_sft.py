@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from raydar.demo import read_ground_truth
+from raydar.kinds import PointsTask
+from raydar.kinds import kind_of
 from raydar.models.families import FAMILIES
 from raydar.models.tiny import TINY_FAMILIES, build_tiny_model
 from raydar.sft import IGNORE, SFTExamples, collate, pack_example, unpack_example
-from raydar.spec import PointsTask
-from raydar.tasks import task_kind
+from raydar.sources import read_ground_truth
 
 TASK = PointsTask(kind="points", instruction="Find every mast cell.",
                   ontology={"explicit": {"description": "dark"}, "implicit": {"description": "faint"}})
@@ -27,7 +27,7 @@ def student(request, tmp_path_factory):
     path = build_tiny_model(request.param, tmp_path_factory.mktemp("models") / request.param)
     processor = AutoProcessor.from_pretrained(path)
     family = FAMILIES[request.param]
-    builder = SFTExamples(processor, family, task_kind(TASK, family.coordinates), "Find cells.")
+    builder = SFTExamples(processor, family, kind_of(TASK, family.coordinates), "Find cells.")
     return family, processor, builder, path
 
 
@@ -47,7 +47,7 @@ def test_only_the_answer_is_learned_and_it_decodes_to_the_label_in_the_familys_c
     answer_text = processor.tokenizer.decode(labels[learned])
     answer = json.loads(answer_text[: answer_text.rindex("}") + 1])
     width, height = builder.seen_size(example, image)
-    back = task_kind(TASK, family.coordinates).parse(json.dumps(answer), width, height)
+    back = kind_of(TASK, family.coordinates).parse(json.dumps(answer), width, height)
     truth = sorted(record["label"]["points"], key=lambda p: (p["y"], p["x"]))  # answers list in reading order
     assert [p["label"] for p in back["points"]] == [p["label"] for p in truth]
     tolerance = {"per_mille": 5e-4, "pixels": 0.5 / min(width, height), "normalized": 5e-3}[family.coordinates]
@@ -111,14 +111,14 @@ def test_a_kind_in_the_wrong_convention_is_refused(student):
     family, processor, _, _ = student
     other = next(c for c in ("per_mille", "pixels", "normalized") if c != family.coordinates)
     with pytest.raises(ValueError, match="coordinates"):
-        SFTExamples(processor, family, task_kind(TASK, other), "Find cells.")
+        SFTExamples(processor, family, kind_of(TASK, other), "Find cells.")
 
 
 def test_augmentation_moves_the_points_with_the_pixels():
     """Each flip or quarter turn moves a marked pixel exactly where it moves the label's point."""
     from raydar.sft import _SYMMETRIES, augmented
 
-    kind = task_kind(TASK, "normalized")
+    kind = kind_of(TASK, "normalized")
     size, (px, py) = 40, (9, 25)
     image = Image.new("RGB", (size, size))
     image.putpixel((px, py), (255, 255, 255))

@@ -10,7 +10,7 @@ fine-tunes:
 
     family = FAMILIES["qwen2_5_vl"]
     w, h = family.model_image_size(1000, 500, max_pixels=401408)       # (896, 448)
-    target = task_kind(spec.task, family.coordinates).answer_text(label, w, h)
+    target = kind_of(spec.task, family.coordinates).answer_text(label, w, h)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ QWEN_MIN_PIXELS = 56 * 56
 @dataclass(frozen=True)
 class Family:
     name: str
-    coordinates: str  # a convention of raydar.tasks: normalized, per_mille or pixels
+    coordinates: str  # a convention of raydar.kinds: normalized, per_mille or pixels
     patch_multiple: int | None  # sides the processor rounds the image to, or None for a fixed-size encoder
 
     def model_image_size(self, width: int, height: int, max_pixels: int) -> tuple[int, int]:

@@ -70,8 +70,10 @@ class TinySize:
     image_size: int = 56  # LLaVA: CLIP input side; 56 / 14 → 4x4 patches → 16 image tokens
 
 
-def build_tiny_model(family: str, out_dir: str | Path | None = None, *, seed: int = 0, **size) -> Path:
-    """Build (or find already built) a tiny `family` model and return its folder.
+def build_tiny_model(family: str, out_dir: str | Path | None = None, *, seed: int = 0, corpus: str | None = None,
+                     **size) -> Path:
+    """Build (or find already built) a tiny `family` model and return its folder. `corpus` is the
+    tokenizer's training text (default `CORPUS`); a model that must spell more words in few tokens adds them.
 
     The folder is written under a temporary name beside `out_dir` and renamed into place, so a
     crash never leaves half a model and concurrent builders (Ray workers) race harmlessly.
@@ -79,11 +81,12 @@ def build_tiny_model(family: str, out_dir: str | Path | None = None, *, seed: in
     if family not in TINY_FAMILIES:
         raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}, got {family!r}")
     sizes = TinySize(**size)
+    corpus = CORPUS if corpus is None else corpus
     recipe = {
         "family": family,
         "seed": seed,
         "size": asdict(sizes),
-        "corpus_sha256": hashlib.sha256(CORPUS.encode()).hexdigest(),
+        "corpus_sha256": hashlib.sha256(corpus.encode()).hexdigest(),
         "recipe_version": RECIPE_VERSION,
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -97,7 +100,7 @@ def build_tiny_model(family: str, out_dir: str | Path | None = None, *, seed: in
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_model(family, sizes, seed, tmp)
+        _write_model(family, sizes, seed, tmp, corpus)
         (tmp / MARKER).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private to this user
         try:
@@ -117,8 +120,8 @@ def _holds(folder: Path, recipe: dict) -> bool:
         return False
 
 
-def _write_model(family: str, size: TinySize, seed: int, folder: Path) -> None:
-    tokenizer = train_tokenizer(family, size.vocab_size)
+def _write_model(family: str, size: TinySize, seed: int, folder: Path, corpus: str) -> None:
+    tokenizer = train_tokenizer(family, size.vocab_size, corpus)
     if family == "llava":
         processor = _llava_processor(tokenizer, size)
         config = _llava_config(tokenizer, size)
@@ -200,8 +203,9 @@ _SPLIT = (
 )
 
 
-def train_tokenizer(family: str, vocab_size: int = TinySize.vocab_size) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with `family`'s special tokens and chat template.
+def train_tokenizer(family: str, vocab_size: int = TinySize.vocab_size,
+                    corpus: str = CORPUS) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with `family`'s special tokens and chat template, trained on `corpus`.
 
     Byte-level, so every string (JSON, any language) encodes and decodes back unchanged.
     """
@@ -221,7 +225,7 @@ def train_tokenizer(family: str, vocab_size: int = TinySize.vocab_size) -> PreTr
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(CORPUS.splitlines(), trainer)
+    backend.train_from_iterator(corpus.splitlines(), trainer)
     if family == "llava":
         names = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
         template = _LLAVA_CHAT_TEMPLATE

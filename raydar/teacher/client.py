@@ -21,7 +21,7 @@ import orjson
 from openai.types.chat import ChatCompletion
 
 from raydar.spec import TeacherSpec
-from raydar.tasks import AnswerError, TaskKind
+from raydar.kinds import AnswerError, TaskKind
 
 MAX_RETRY_AFTER_S = 120.0  # a server asking us to wait longer than this is treated as failing
 
@@ -145,11 +145,10 @@ class TeacherClient:
             if self.rate_limiter is not None:
                 await self.rate_limiter.wait()
             self.requests += 1
-            # The client's own `post` rather than `chat.completions.create`: the same request, auth and
-            # typed response, without re-walking a 100 kB message through the SDK's TypedDict transform
-            # (half of the client's CPU per image), and the body made JSON by orjson rather than the SDK's
-            # json.dumps (0.49 ms of a 100 kB image's 2.5-3 ms; see bench/RESULTS.md); the SDK's default
-            # headers say it is JSON. The options take numpy numbers and non-str keys, as json.dumps did.
+            # The client's own `post` rather than `chat.completions.create`: the same request, auth and typed
+            # response, without the SDK walking a large image message through its TypedDict transform, and the
+            # body made JSON by orjson, a fraction of json.dumps's CPU (bench/RESULTS.md); the SDK's default
+            # headers say it is JSON. The options take numpy numbers and non-str keys, as json.dumps does.
             response = await self._client.post(
                 "/chat/completions",
                 content=orjson.dumps({

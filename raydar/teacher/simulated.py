@@ -21,8 +21,8 @@ model that overlooks faint cells); each example that counts for the class multip
 (1 - `example_gain`). So with `zero_shot_miss: {implicit: 0.4}` and `example_gain: 0.5`, three
 good examples of implicit cells leave 0.4 x 0.125 = 0.05. The extra draws come from their own random
 stream per image, so the base noise of an image is the same with and without examples, and the
-measured difference is the examples' effect only. With no extra rates (the default) answers are
-exactly as before, examples or not.
+measured difference is the examples' effect only. With no extra rates (the default) examples change
+nothing.
 
     raydar teacher serve --ground-truth ~/.raydar/demo_cells/source --port 8001
 """
@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,10 +57,10 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from raydar.demo import read_ground_truth
 from raydar.signals import sigterm_as_interrupt
+from raydar.sources import read_ground_truth
 from raydar.spec import SimulatedTeacherSettings
-from raydar.tasks import AnswerError, extract_json
+from raydar.kinds import AnswerError, extract_json
 
 FAULT_KINDS = ("rate_limit", "server_error", "hang", "malformed_json", "prose")
 MODEL_NAME = "raydar-simulated-teacher"
@@ -587,6 +588,34 @@ class _ChatRoute:
         await send({"type": "http.response.body", "body": body})
 
 
+# A field whose name carries its unit keeps the flag users know.
+_FLAGS = {"latency_s": "--latency"}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per field of SimulatedTeacherSettings, with the field's description and default: the model is
+    the one source of both. A flag left out keeps the model's default (or the --settings value)."""
+    for name, info in SimulatedTeacherSettings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        described = f"{info.description or name.replace('_', ' ').capitalize() + '.'} (default: {default})"
+        described = described.replace("%", "%%")  # argparse formats help with %
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        if typing.get_origin(info.annotation) is dict:
+            parser.add_argument(flag, dest=name, action="append", type=_class_rate, metavar="CLASS=RATE",
+                                default=argparse.SUPPRESS, help=described + " Repeatable.")
+        else:
+            parser.add_argument(flag, dest=name, type=info.annotation, default=argparse.SUPPRESS, help=described,
+                                metavar=flag[2:].upper().replace("-", "_"))
+
+
+def _settings_from_args(args: argparse.Namespace) -> SimulatedTeacherSettings:
+    """--settings JSON (else the defaults), with the flags given on top; a ValidationError names a bad field."""
+    given = {name: dict(value) if isinstance(value, list) else value for name, value in vars(args).items()
+             if name in SimulatedTeacherSettings.model_fields}
+    base = SimulatedTeacherSettings.model_validate_json(args.settings) if args.settings else SimulatedTeacherSettings()
+    return SimulatedTeacherSettings.model_validate({**base.model_dump(), **given})
+
+
 def _class_rate(text: str) -> tuple[str, float]:
     name, sep, rate = text.partition("=")
     try:
@@ -600,33 +629,19 @@ def _class_rate(text: str) -> tuple[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="raydar teacher serve", description="Run the simulated teacher.")
     parser.add_argument("--ground-truth", required=True, help="Folder with the images and ground_truth.jsonl.")
-    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001, help="0 picks a free port.")
-    parser.add_argument("--latency", type=float, default=0.05, help="Seconds per answer.")
-    parser.add_argument("--max-concurrency", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1,
-                        help="Server processes sharing the port and the concurrency cap (faults need one).")
-    parser.add_argument("--miss-rate", type=float, default=0.05)
-    parser.add_argument("--false-positives", type=float, default=0.2)
-    parser.add_argument("--jitter", type=float, default=0.004)
-    parser.add_argument("--label-flip-rate", type=float, default=0.05)
     parser.add_argument("--coordinates", default="normalized", choices=["normalized", "per_mille", "pixels"])
-    parser.add_argument("--zero-shot-miss", action="append", default=[], type=_class_rate, metavar="CLASS=RATE",
-                        help="Extra chance to miss objects of CLASS when no example shows it. Repeatable.")
-    parser.add_argument("--zero-shot-flip", action="append", default=[], type=_class_rate, metavar="CLASS=RATE",
-                        help="Extra chance to misname objects of CLASS when no example shows it. Repeatable.")
-    parser.add_argument("--example-gain", type=float, default=0.5,
-                        help="Each good example of a class multiplies its extra rates by 1 - this.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", default=None, metavar="JSON",
+                        help="All the settings below as one JSON object (SimulatedTeacherSettings); the flags "
+                        "override it.")
+    _add_settings_flags(parser)
     parser.add_argument("--fault", action="append", default=[], metavar="KIND[:k=v,...]",
                         help=f"Inject a fault; kinds: {', '.join(FAULT_KINDS)}. Repeatable.")
     args = parser.parse_args(argv)
-    settings = SimulatedTeacherSettings(
-        miss_rate=args.miss_rate, false_positives=args.false_positives, jitter=args.jitter,
-        label_flip_rate=args.label_flip_rate, latency_s=args.latency, max_concurrency=args.max_concurrency,
-        zero_shot_miss=dict(args.zero_shot_miss), zero_shot_flip=dict(args.zero_shot_flip),
-        example_gain=args.example_gain, seed=args.seed, host=args.host, workers=args.workers,
-    )
+    try:
+        settings = _settings_from_args(args)
+    except ValueError as e:  # pydantic's ValidationError names the field
+        parser.error(str(e))
     try:
         teacher = SimulatedTeacher(args.ground_truth, settings, [Fault.parse(f) for f in args.fault],
                                    coordinates=args.coordinates, port=args.port)

@@ -10,8 +10,12 @@ import json
 
 import pytest
 
-from raydar.spec import BoxesTask, CaptionTask, MultilabelTask, PointsTask, RegressionTask
-from raydar.tasks import (
+from raydar.kinds import (
+    BoxesTask,
+    CaptionTask,
+    MultilabelTask,
+    PointsTask,
+    RegressionTask,
     AnswerError,
     Boxes,
     Caption,
@@ -19,7 +23,7 @@ from raydar.tasks import (
     Points,
     Regression,
     extract_json,
-    task_kind,
+    kind_of,
 )
 
 WIDTH, HEIGHT = 640, 480  # not square, so a swapped x/y or width/height shows
@@ -485,7 +489,7 @@ def test_a_spec_level_prompt_is_used_verbatim(name):
 
 def test_task_kind_builds_the_kind_named_by_the_spec():
     specs = [points_spec(), boxes_spec(), caption_spec(), multilabel_spec(), regression_spec()]
-    kinds = [task_kind(s, "per_mille") for s in specs]
+    kinds = [kind_of(s, "per_mille") for s in specs]
     assert [type(k) for k in kinds] == [Points, Boxes, Caption, Multilabel, Regression]
     assert all(k.coordinates == "per_mille" for k in kinds)
     assert [k.name for k in kinds] == ["points", "boxes", "caption", "multilabel", "regression"]
