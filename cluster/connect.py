@@ -34,7 +34,6 @@ def connect(
     address: str | None = None,
     *,
     num_cpus: int | None = None,
-    dashboard: bool = False,
     namespace: str = "raydar",
     log_to_driver: bool = True,
 ) -> str:
@@ -66,8 +65,11 @@ def connect(
     _listen_on_loopback()
     # Ray's processes read it from the environment when they start.
     os.environ.setdefault("RAY_num_workers_soft_limit", str(max(WARM_WORKERS, num_cpus or os.cpu_count() or 1)))
+    # With its own dashboard: Ray's helpers read the cluster's state through it (Ray Train's placement-group
+    # cleaner asks whether the run's controller lives), and without one they would reach whatever dashboard
+    # answers on the default port: another Ray's, which knows nothing of this run's controller.
     with _address_for_ray_processes():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **quiet)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **quiet)
     global _embedded_address
     _embedded_address = ray.get_runtime_context().gcs_address
     return _embedded_address

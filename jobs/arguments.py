@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from raydar.spec import DatasetSpec, SpecError, load_spec, parse_override
@@ -43,6 +44,21 @@ def spec_from_args(args: argparse.Namespace) -> DatasetSpec:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def job_main(main):
+    """A job's entry point whose spec turns out unusable while it runs (its images missing, say) ends with the
+    message and exit code 2, not a traceback."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except SpecError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def spec_override(text: str) -> tuple[str, object]:

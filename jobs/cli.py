@@ -15,9 +15,26 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 
 USAGE = __doc__.split("\n\n", 1)[1]
+
+# command -> "module:function", or a group: {subcommand: "module:function"}. Each function takes the rest
+# of the command line and parses it with a parser named after the whole command (`raydar demo make`).
+COMMANDS: dict[str, str | dict[str, str]] = {
+    "run": "jobs.pipeline:main",
+    "label": "jobs.label:main",
+    "finetune": "jobs.finetune:main",
+    "evaluate": "jobs.evaluate:main",
+    "kb": "jobs.index:kb_main",
+    "submit": "jobs.submit:main_submit",
+    "status": "jobs.submit:main_status",
+    "teacher": {"serve": "raydar.teacher.simulated:main"},
+    "demo": {"make": "raydar.demo:main"},
+    "spec": {"check": "jobs.cli:check_specs"},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,49 +43,48 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: raydar <command> [options]\n\n" + USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "run":
-        from jobs.pipeline import main as run
-    elif command == "label":
-        from jobs.label import main as run
-    elif command == "finetune":
-        from jobs.finetune import main as run
-    elif command == "evaluate":
-        from jobs.evaluate import main as run
-    elif command == "submit":
-        from jobs.submit import main_submit as run
-    elif command == "status":
-        from jobs.submit import main_status as run
-    elif command == "kb":
-        from jobs.index import kb_main as run
-    elif command == "teacher" and rest[:1] == ["serve"]:
-        from raydar.teacher.simulated import main as run
-
-        rest = rest[1:]
-    elif command == "demo" and rest[:1] == ["make"]:
-        from raydar.demo import main as run
-
-        rest = rest[1:]
-    elif command == "spec" and rest[:1] == ["check"]:
-        run, rest = check_specs, rest[1:]
-    else:
-        print(f"raydar: unknown command {' '.join(argv[:2])!r}\n\nusage: raydar <command> [options]\n\n{USAGE}",
+    target = COMMANDS.get(command)
+    if isinstance(target, dict):
+        group = f"raydar {command} {{{','.join(target)}}} [options]"
+        if not rest or rest[0] in ("-h", "--help"):
+            lines = [line for line in USAGE.splitlines() if line.strip().startswith(f"raydar {command} ")]
+            print(f"usage: {group}\n\n" + "\n".join(lines))
+            return 0 if rest else 2
+        if rest[0] not in target:
+            print(f"raydar {command}: unknown subcommand {rest[0]!r}; usage: {group}", file=sys.stderr)
+            return 2
+        command, target, rest = f"{command} {rest[0]}", target[rest[0]], rest[1:]
+    if target is None:
+        print(f"raydar: unknown command {command!r}\n\nusage: raydar <command> [options]\n\n{USAGE}",
               file=sys.stderr)
         return 2
-    return run(rest) or 0
+    module, function = target.split(":")
+    run = getattr(importlib.import_module(module), function)
+    saved, sys.argv[0] = sys.argv[0], f"raydar {command}"  # what argparse shows as the program's name
+    try:
+        return run(rest) or 0
+    finally:
+        sys.argv[0] = saved
 
 
-def check_specs(paths: list[str]) -> int:
+def check_specs(argv: list[str]) -> int:
     """Validate each spec file; print what is wrong with each bad one."""
+    from raydar.sources import image_folder
     from raydar.spec import SpecError, load_spec
 
-    if not paths:
-        print("usage: raydar spec check SPEC.yaml [...]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="raydar spec check", description="Validate dataset specs (YAML): "
+                                     "each is read, checked against the spec's models, and its images found.")
+    parser.add_argument("specs", nargs="+", metavar="SPEC.yaml")
     bad = 0
-    for path in paths:
+    for path in parser.parse_args(argv).specs:
         try:
             spec = load_spec(path)
             print(f"ok    {path}: {spec.name} ({spec.task.kind}, teacher {spec.teacher.kind}:{spec.teacher.model})")
+            if spec.images.uri:
+                try:
+                    image_folder(spec)
+                except SpecError as e:  # a valid spec whose images are not (yet) where it says
+                    print(f"note  {e}", file=sys.stderr)
         except SpecError as e:
             bad += 1
             print(f"error {e}", file=sys.stderr)

@@ -178,6 +178,8 @@ def finetune(
     result = trainer.fit()
     best = best_checkpoint([(c.path, metrics) for c, metrics in result.best_checkpoints or []])
     last = root.uri_for(result.checkpoint.path) if result.checkpoint else None
+    if best or last:
+        raydar.checkpoint.write_latest(storage, spec, root.uri_for(best) if best else last)
     return FinetuneResult(
         run_name=run_name,
         checkpoint=last,

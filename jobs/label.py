@@ -25,17 +25,16 @@ import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
 from cluster import StorageRoot, connect
-from jobs.arguments import job_parser, spec_from_args
+from jobs.arguments import job_main, job_parser, spec_from_args
 from raydar.images import ImageProblem, image_id, prepare_image, teacher_payload
 from raydar.kinds import kind_of
 from raydar.labels import LABEL_SCHEMA, LabelStore, answered_row
 from raydar.signals import sigterm_as_interrupt
-from raydar.sources import list_files, read_bytes, resolve_source
+from raydar.sources import image_folder, list_files, read_bytes, resolve_source
 from raydar.spec import DatasetSpec
 from raydar.teacher.client import TeacherClient, teacher_fingerprint
 from raydar.teacher.launch import SimulatedTeacherProcess
@@ -43,10 +42,13 @@ from raydar.teacher.ratelimit import RateLimiter
 from raydar.telemetry import LabelMetrics, failure_reason
 
 
+@job_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = spec_from_args(args)
     storage = StorageRoot(args.storage)
+    if spec.images.uri and not args.from_feedback:
+        image_folder(spec)  # a missing folder fails before Ray starts
     connect(args.address)
     if args.from_feedback:
         feedback = label_feedback(spec, storage, progress=not args.quiet)
@@ -166,7 +168,7 @@ def label_images(
             LabelImages,
             fn_constructor_kwargs={"spec": spec, "cache_index": index, "filesystem": fs, "uri_prefix": prefix,
                                    "base_url": base_url, "rate_limiter": limiter, "fingerprint": fingerprint,
-                                   "run_id": run_id},
+                                   "run_id": run_id, "store": store, "flush_rows": flush_rows, "flush_s": flush_s},
             batch_size=rows_per_block,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
@@ -175,21 +177,16 @@ def label_images(
             ),
             num_cpus=0.5,
         )
-        writer = _LogWriter(store, run_id, flush_rows, flush_s)
         bar = tqdm(total=len(paths), desc=f"label {spec.name}", unit="img", disable=not progress, file=sys.stderr)
         metrics = LabelMetrics(spec.name, spec.teacher.model)  # the actors count; the driver sets images/s
         try:
-            with sigterm_as_interrupt():  # `ray job stop`: the buffered rows are flushed
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            with sigterm_as_interrupt():  # `ray job stop` ends the run as Ctrl-C does
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # already in the log
                     result = _count(result, batch)
-                    logged = pc.and_(pc.is_in(batch["outcome"], pa.array(["ok", "failed"])),
-                                     pc.not_equal(batch["image_id"], ""))  # an unreadable file has no image id
-                    writer.add(batch.filter(logged))
                     bar.update(batch.num_rows)
                     metrics.record_throughput(bar.n / (time.time() - started))
                     bar.set_postfix(ok=result.ok_total, failed=result.failed, cached=result.cached, refresh=False)
         finally:
-            writer.flush()  # whatever was answered is kept, also on Ctrl-C or `ray job stop`
             bar.close()
             if limiter is not None:
                 limiter.shutdown()
@@ -204,7 +201,7 @@ def label_images(
 
 # Each labelling actor holds two blocks of four rounds of its requests (`block_rows`): Ray Data is slow to hand
 # an actor its next block, and with blocks of one round an actor with few requests sits idle between blocks
-# (bench/RESULTS.md, label_throughput). A block's rows reach the log when the whole block is answered.
+# (bench/RESULTS.md, label_throughput). Each answer reaches the log within `flush_s` of arriving (AnswerWriter).
 ROUNDS_PER_BLOCK = 4
 BLOCKS_PER_ACTOR = 2
 MAX_BLOCK_ROWS = 256
@@ -297,28 +294,37 @@ def _count(result: LabelResult, batch: pa.Table) -> LabelResult:
     return result
 
 
-class _LogWriter:
-    """Buffers answered rows and appends them to the label log every `rows` rows or `seconds`."""
+class AnswerWriter:
+    """A labelling actor's answers, appended to the label log as they arrive: a row waits at most `seconds`
+    (or until `rows` rows wait) before it is written in a part of its own, so a killed job loses the
+    answers of its last seconds, not its blocks. Runs on the actor's event loop."""
 
-    def __init__(self, store: LabelStore, run_id: str, rows: int, seconds: float) -> None:
-        self.store, self.run_id, self.rows, self.seconds = store, run_id, rows, seconds
-        self.pending: list[pa.Table] = []
-        self.n_pending = 0
+    def __init__(self, store: LabelStore, part_prefix: str, rows: int, seconds: float) -> None:
+        self.store, self.part_prefix, self.rows, self.seconds = store, part_prefix, rows, seconds
+        self.pending: list[dict] = []
         self.seq = 0
-        self.last = time.monotonic()
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.Task | None = None
 
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.pending.append(table.select(LABEL_SCHEMA.names))
-            self.n_pending += table.num_rows
-        if self.n_pending >= self.rows or (self.pending and time.monotonic() - self.last >= self.seconds):
-            self.flush()
+    def add(self, row: dict) -> None:
+        """An answered row (ok, or failed with an image id): written within `seconds`."""
+        self.pending.append(row)
+        if len(self.pending) >= self.rows:
+            self._timer = asyncio.ensure_future(self.flush())
+        elif self._timer is None or self._timer.done():
+            self._timer = asyncio.ensure_future(self._flush_after(self.seconds))
 
-    def flush(self) -> None:
-        if self.pending:
-            self.store.append(pa.concat_tables(self.pending), self.run_id, self.seq)
-            self.seq += 1
-        self.pending, self.n_pending, self.last = [], 0, time.monotonic()
+    async def _flush_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Every waiting row, as one part of the log; a write that fails fails the job."""
+        async with self._lock:
+            rows, self.pending = self.pending, []
+            if rows:
+                await asyncio.to_thread(self.store.append, rows, self.part_prefix, self.seq)
+                self.seq += 1
 
 
 # ---------------------------------------------------------------- images and teacher
@@ -329,7 +335,8 @@ class LabelImages:
     cached and the given up), then ask the teacher about all of them at once. One row out per path in."""
 
     def __init__(self, spec: DatasetSpec, cache_index, filesystem, uri_prefix: str, base_url: str | None,
-                 rate_limiter, fingerprint: str, run_id: str) -> None:
+                 rate_limiter, fingerprint: str, run_id: str, store: LabelStore, flush_rows: int,
+                 flush_s: float) -> None:
         self.spec = spec
         self.index = cache_index
         self.fs = filesystem
@@ -339,15 +346,20 @@ class LabelImages:
         self.fingerprint, self.run_id = fingerprint, run_id
         self.client: TeacherClient | None = None
         self.metrics = LabelMetrics(spec.name, spec.teacher.model)
+        self.store, self.flush_rows, self.flush_s = store, flush_rows, flush_s
+        self.writer: AnswerWriter | None = None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.client is None:  # built on the actor's event loop, once
             self.client = TeacherClient(self.spec.teacher, self.kind, base_url=self.base_url,
                                         rate_limiter=self.rate_limiter)
+            self.writer = AnswerWriter(self.store, f"{self.run_id}-{uuid.uuid4().hex[:8]}", self.flush_rows,
+                                       self.flush_s)
         paths = batch["path"].to_pylist()
         contents = await asyncio.gather(*[asyncio.to_thread(self._read, path) for path in paths])
         rows = [self._prepare(data, path) for data, path in zip(contents, paths)]
         answers = await asyncio.gather(*[self._ask(row) for row in rows])
+        await self.writer.flush()  # the block's rows are in the log before it is handed back
         for row in answers:
             self.metrics.record_image(row["outcome"], requests=row["requests"], latency_s=row["latency_s"],
                                       reason=row["error"])
@@ -392,6 +404,8 @@ class LabelImages:
     async def _ask(self, row: dict) -> dict:
         request = row.pop("_request", None)
         if request is None:
+            if row["outcome"] == "failed" and row["image_id"]:  # a bad image is a failed row; an unreadable file
+                self.writer.add(row)                             # (no image id) is only counted
             return row
         answer = await self.client.label(*request)
         row.update(raw_answer=answer.raw, attempts=answer.attempts, latency_s=answer.latency_s,
@@ -400,6 +414,7 @@ class LabelImages:
             row.update(status="ok", label=json.dumps(answer.label), outcome="ok")
         else:
             row.update(error=answer.error, outcome="failed")
+        self.writer.add(row)
         return row
 
 

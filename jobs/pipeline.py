@@ -29,18 +29,18 @@ from pathlib import Path
 
 from cluster import StorageRoot, connect
 from cluster.connect import dashboard_url
-from jobs.arguments import job_parser, spec_from_args
+from jobs.arguments import job_main, job_parser, spec_from_args
 from raydar.checkpoint import run_name
-from raydar.sources import list_files, read_bytes, resolve, resolve_source
+from raydar.sources import image_folder, list_files, read_bytes, resolve, resolve_source
 from raydar.spec import DatasetSpec
 from raydar.teacher.launch import SimulatedTeacherProcess
 
 STAGES = ("label", "index", "finetune", "evaluate", "deploy")
 
 
+@job_main
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("raydar run", __doc__)
-    parser.add_argument("--dashboard", action="store_true", help="Start the Ray dashboard with the embedded Ray.")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"Comma-separated subset of {','.join(STAGES)}.")
     serve = parser.add_mutually_exclusive_group()
     serve.add_argument("--serve", dest="keep_serving", action="store_true", default=None,
@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: --stages: unknown {unknown}; expected some of {list(STAGES)}", file=sys.stderr)
         return 2
+    if spec.images.uri:
+        image_folder(spec)  # a missing folder fails before Ray starts
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
-    connect(args.address, dashboard=args.dashboard)
+    connect(args.address)
     keep_serving = args.keep_serving if args.keep_serving is not None else sys.stdout.isatty()
     result = run_pipeline(spec, storage, stages=stages, progress=not args.quiet, port=args.port,
                           overrides=dict(args.set))

@@ -12,6 +12,10 @@ A finetune run lives in `<storage>/<dataset>/train/<run name>/` (Ray Train's run
     trainable.pt          the trainable weights in full, for resuming
     training_state/       DeepSpeed's checkpoint: each rank's partition of the optimiser's state
 
+Every finished run also points `<storage>/<dataset>/train/latest` at its best checkpoint: a small file
+holding that checkpoint's URI, so that a serving config can name `.../train/latest` and get the newest
+tuned student whatever its run is called (`write_latest`, `resolve_reference`).
+
 Written by the finetune job (`save_checkpoint`, `save_training_state`), read by prediction, evaluation,
 the pipeline and serving (`local_checkpoint`, `run_history`). Importing this module is cheap: torch and
 DeepSpeed are imported by the functions that use them.
@@ -36,6 +40,7 @@ METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
 TRAINABLE_FILE = "trainable.pt"
 TRAINING_STATE = "training_state"  # DeepSpeed's checkpoint: optimiser, schedule, weights
+LATEST = "latest"  # under TRAIN_DIR: a file holding the URI of the newest finished run's best checkpoint
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -57,6 +62,29 @@ def finetune_run_folder(spec: DatasetSpec, storage, name: str | None = None) -> 
         raise FileNotFoundError(f"{root.uri_of(TRAIN_DIR, name)}: no finetune run; run `raydar finetune --spec "
                                 f"{spec.source_file}` first, or pass --checkpoint")
     return root.uri_of(TRAIN_DIR, name)
+
+
+def write_latest(storage, spec: DatasetSpec, checkpoint: str) -> str:
+    """Point the dataset's `train/latest` at `checkpoint` (a URI); returns the pointer's URI."""
+    root = storage.child(spec.name)
+    root.write_bytes((checkpoint + "\n").encode(), TRAIN_DIR, LATEST)
+    return root.uri_of(TRAIN_DIR, LATEST)
+
+
+def resolve_reference(uri: str) -> str:
+    """The checkpoint or run folder `uri` names: itself, or for a pointer file (`train/latest`) the URI
+    written in it."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(str(uri).removeprefix("file://"))
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return str(uri)
+    with fs.open_input_stream(path) as f:
+        target = f.read().decode().strip()
+    if not target:
+        raise FileNotFoundError(f"{uri}: an empty checkpoint pointer")
+    return target
 
 
 def best_checkpoint(checkpoints: list[tuple[str, dict]]) -> str | None:
@@ -99,7 +127,7 @@ def run_history(uri: str) -> list[dict]:
 def local_checkpoint(uri: str) -> Path:
     """A local folder holding the checkpoint `uri` names (a folder or any pyarrow URI; a remote one is
     copied): the checkpoint itself, or for a run folder its best checkpoint."""
-    return _checkpoint_in(_local_copy(uri))
+    return _checkpoint_in(_local_copy(resolve_reference(uri)))
 
 
 def saved_spec(folder: Path) -> DatasetSpec:

@@ -4,7 +4,9 @@
     print(result.summary())
 
 `Evaluation` is the contract between the two: what `evaluate` gathers (truths, each member's predictions
-and metrics, the images, the training history) and what `raydar.report.write_report` draws.
+and metrics, the images, the training history) and what `raydar.report.write_report` draws. Beside the
+report, `predictions.parquet` holds every member's answer per image with the reference label, so that
+anyone can recompute the report's numbers (`Evaluation.predictions_table`).
 
 Members: the untuned base student, the fine-tuned student (the run's best checkpoint), the RAG
 detector (knowledge base + the teacher's VLM endpoint), their ensemble (fused as in serving, with
@@ -89,11 +91,41 @@ class Evaluation:
             given = getattr(self, key)
             if given is not None and len(given) != len(self.truths):
                 raise ValueError(f"Evaluation.{key} has {len(given)} entries for {len(self.truths)} truths")
+        if self.image_ids is not None and len(set(self.image_ids)) != len(self.image_ids):
+            raise ValueError("Evaluation.image_ids must not repeat an image")
         if self.before_after is not None:
             missing = [m for m in self.before_after if m not in self.members]
             if len(self.before_after) != 2 or missing:
                 raise ValueError(f"Evaluation.before_after must name two members of {sorted(self.members)}, "
                                  f"got {list(self.before_after)}")
+
+
+    def predictions_table(self):
+        """One row per (image, member) with a prediction: `image_id` (or the image's index when there are no
+        ids), `member`, `prediction` (the label as JSON, null for a failed answer), `truth` (JSON), `width`
+        and `height` (0 when unknown), in image order, members in their order."""
+        import pyarrow as pa
+
+        rows = []
+        for name, member in self.members.items():
+            if member.predictions is None:
+                continue
+            for i, (prediction, truth) in enumerate(zip(member.predictions, self.truths)):
+                width, height = self.sizes[i] if self.sizes is not None else (0, 0)
+                rows.append({"image_id": self.image_ids[i] if self.image_ids else str(i), "member": name,
+                             "prediction": None if prediction is None else json.dumps(prediction),
+                             "truth": json.dumps(truth), "width": int(width), "height": int(height)})
+        return pa.Table.from_pylist(rows, schema=_predictions_schema())
+
+
+PREDICTIONS_FILE = "predictions.parquet"  # beside metrics.json in the report folder
+
+
+def _predictions_schema():
+    import pyarrow as pa
+
+    return pa.schema([("image_id", pa.string()), ("member", pa.string()), ("prediction", pa.string()),
+                      ("truth", pa.string()), ("width", pa.int32()), ("height", pa.int32())])
 
 
 @dataclass
@@ -279,14 +311,21 @@ def _saved_run_history(spec: DatasetSpec, storage, checkpoint: str | None) -> li
 
 
 def write_report_to(folder, spec: DatasetSpec, evaluation: Evaluation) -> str:
-    """report.html and its files in `folder` (a cluster.StorageRoot: local, or written locally then copied
-    to a bucket)."""
+    """report.html, its files and `predictions.parquet` in `folder` (a cluster.StorageRoot: local, or written
+    locally then copied to a bucket)."""
+    import pyarrow.parquet as pq
+
     from raydar.report import write_report
 
+    def write(out: Path) -> Path:
+        written = write_report(out, spec, evaluation)
+        pq.write_table(evaluation.predictions_table(), out / PREDICTIONS_FILE)
+        return written
+
     if folder.is_local:
-        return str(write_report(folder.path, spec, evaluation))
+        return str(write(Path(folder.path)))
     with tempfile.TemporaryDirectory() as tmp:
-        written = write_report(tmp, spec, evaluation)
+        written = write(Path(tmp))
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
                 folder.write_bytes(path.read_bytes(), str(path.relative_to(tmp)))

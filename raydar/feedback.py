@@ -137,6 +137,12 @@ class FeedbackLog:
                                            "at": row["at"], "comment": row["comment"] or ""}
         return newest
 
+    def detection(self, request_id: str) -> str | None:
+        """The image id of the logged detection `request_id`, or None."""
+        table = self.read(["kind", "request_id", "image_id"])
+        table = table.filter(pc.and_(pc.equal(table["kind"], "detection"), pc.equal(table["request_id"], request_id)))
+        return table["image_id"][0].as_py() if table.num_rows else None
+
     def counts(self) -> dict[str, int]:
         """Rows and distinct images by kind: what the endpoint has collected for training."""
         table = self.read(["kind", "image_id", "hard"])
@@ -218,6 +224,20 @@ class FeedbackWriter:
         if image_id in self.pending_images:
             return image_file_name(image_id, self.pending_images[image_id][1])
         return await asyncio.to_thread(self.log.image_file, image_id, formats)
+
+    async def answered_image(self, request_id: str) -> str | None:
+        """The image id of the detection `request_id` answered, from this replica's waiting rows or the log;
+        None when there is none. A detection by another replica reaches the log within `seconds`, so the log
+        is read again once after that long."""
+        for attempt in range(2):
+            for row in self.buffer.pending:
+                if row.get("kind") == "detection" and row.get("request_id") == request_id:
+                    return row["image_id"]
+            found = await asyncio.to_thread(self.log.detection, request_id)
+            if found is not None or attempt:
+                return found
+            await asyncio.sleep(self.seconds)
+        return None
 
     def add(self, row: dict) -> None:
         """A row, written within `seconds` (sooner once `rows` rows or images are waiting)."""

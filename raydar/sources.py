@@ -134,13 +134,30 @@ def read_ground_truth(source: str | os.PathLike) -> list[dict]:
     return records
 
 
+def image_folder(spec: DatasetSpec) -> str:
+    """The spec's `images.uri`, resolved against the spec file, checked to exist: a missing folder or bucket
+    prefix (or one this machine cannot read) is a SpecError naming the spec file, the field and the path."""
+    from raydar.spec import SpecError
+
+    uri = spec.resolve_uri(spec.images.uri)
+    where = f"{spec.source_file or spec.name}: images.uri"
+    try:
+        fs, path = resolve(uri)
+        found = fs.get_file_info(path).type != pafs.FileType.NotFound
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{where}: {uri}: cannot be read: {e}") from None
+    if not found:
+        raise SpecError(f"{where}: {uri}: no such folder; put the images there or point images.uri at them")
+    return uri
+
+
 def resolve_source(spec: DatasetSpec, root) -> str:
     """The folder or URI of the images; synthetic ones are made on first use under `root`, the dataset's
     folder of the storage root (a cluster.StorageRoot)."""
     from raydar.demo import make_demo_cells
 
     if spec.images.uri:
-        return spec.resolve_uri(spec.images.uri)
+        return image_folder(spec)
     gen = spec.images.generate
     folder = root.child("source", f"{gen.kind}-n{gen.n}-s{gen.size}-seed{gen.seed}")
     if folder.exists(GROUND_TRUTH_FILE):

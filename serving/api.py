@@ -100,7 +100,8 @@ _ERRORS = {status: {"description": text, "content": {"application/json": {"examp
     "error": {"code": code, "message": text}}}}} for status, code, text in [
         (400, "bad_request", "Malformed JSON, base64 or multipart, or a corrupt image; the message says which."),
         (401, "unauthorized", "Missing or wrong bearer token."),
-        (404, "unknown_adapter", "No adapter of that name."),
+        (404, "unknown_adapter", "No adapter of that name (unknown_adapter); for feedback, an image that was not "
+                                 "kept (unknown_image) or a request_id that was not logged (unknown_request)."),
         (413, "too_large", "The body is over the size limit, or the image declares more pixels than allowed."),
         (415, "unsupported_media_type", "Not an accepted image format or content type."),
         (503, "unavailable", "Overloaded (Serve's queue is full), or no member answered."),

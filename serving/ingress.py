@@ -107,6 +107,9 @@ class EnsembleIngress:
         from starlette.formparsers import MultiPartException, MultiPartParser
 
         body = await _read_body(request, self.settings["max_request_bytes"])
+        if not body:
+            raise ApiError(400, "bad_request", "empty body: send the image (multipart field `image`, JSON "
+                           "{\"image\": base64} or the image itself)")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         adapter = request.query_params.get("adapter")
         if content_type == "multipart/form-data":
@@ -285,6 +288,14 @@ class EnsembleIngress:
             label = self.kind.validate(parsed.label)
         except AnswerError as e:
             raise ApiError(400, "bad_request", f"label: not a valid {self.kind.name} label: {e}") from None
+        if parsed.request_id is not None:
+            answered = await self.feedback_writer.answered_image(parsed.request_id)
+            if answered is None:
+                raise ApiError(404, "unknown_request", f"request_id {parsed.request_id!r}: no such detection was "
+                               "logged here; send the request_id /v1/detect returned, or none")
+            if answered != parsed.image_id:
+                raise ApiError(400, "bad_request", f"request_id {parsed.request_id!r} answered another image, "
+                               "not image_id")
         if parsed.image is not None:
             data = _decode_base64(parsed.image, "image")
             if sha256_of(data) != parsed.image_id:

@@ -42,7 +42,14 @@ class FineTunedMember:
 
     async def reconfigure(self, config: dict) -> None:
         """New adapters: the new default is loaded before it is switched to, so no request waits for it."""
+        from raydar.checkpoint import resolve_reference
+
         new = AdapterConfig.model_validate(config)
+        # A pointer (`train/latest`) is followed now: the multiplexed id is the checkpoint it names, so a
+        # redeploy after a new run serves the new one, never a stale copy under the pointer's name.
+        resolved = {name: uri if uri == "base" else await asyncio.to_thread(resolve_reference, uri)
+                    for name, uri in new.adapters.items()}
+        new = AdapterConfig(adapters=resolved, default=new.default)
         await self.load(new.adapters[new.default])
         self.config = new
 

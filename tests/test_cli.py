@@ -34,3 +34,29 @@ def test_unknown_command_and_help():
     assert raydar("frobnicate").returncode == 2
     shown = raydar("--help")
     assert shown.returncode == 0 and "raydar label --spec" in shown.stdout and "raydar teacher serve" in shown.stdout
+
+
+def test_every_command_group_and_subcommand_answers_help_with_its_own_usage():
+    from jobs.cli import COMMANDS
+
+    commands = [[name] for name in COMMANDS]
+    commands += [[name, sub] for name, target in COMMANDS.items() if isinstance(target, dict) for sub in target]
+    for words in commands:
+        shown = raydar(*words, "--help")
+        assert shown.returncode == 0, (words, shown.stderr)
+        assert f"usage: raydar {' '.join(words)}" in shown.stdout, (words, shown.stdout)
+    assert raydar("teacher", "frobnicate").returncode == 2
+
+
+def test_a_missing_images_folder_is_one_line_naming_the_spec_the_field_and_the_path(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text((REPO / "datasets" / "demo_cells.yaml").read_text().replace(
+        "  generate: {kind: demo_cells, n: 200, size: 224, seed: 0}", "  uri: ./no-such-images"))
+    missing = tmp_path / "no-such-images"
+    for command in (["label"], ["run"]):
+        result = raydar(*command, "--spec", str(spec))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (f"error: {spec}: images.uri: {missing}: no such folder; put the images "
+                                         "there or point images.uri at them")
+    checked = raydar("spec", "check", str(spec))
+    assert checked.returncode == 0 and f"note  {spec}: images.uri: {missing}: no such folder" in checked.stderr

@@ -25,6 +25,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster import connect
+from cluster.connect import dashboard_url
 
 me, other, storage = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -39,6 +40,7 @@ def wait_for(path):
 def train_once(config):
     from ray import train
 
+    time.sleep(3)  # long enough for Ray Train's placement-group cleaner to ask after the controller
     train.report({"step": 1})
 
 
@@ -46,6 +48,7 @@ address = connect(num_cpus=1)
 print("driver RAY_ADDRESS:", os.environ.get("RAY_ADDRESS"), flush=True)
 print("worker RAY_ADDRESS:", ray.get(ray.remote(lambda: os.environ.get("RAY_ADDRESS")).remote()), flush=True)
 print("address:", address, flush=True)
+print("dashboard:", dashboard_url(), flush=True)
 Path(me + ".up").touch()
 wait_for(other + ".up")
 TorchTrainer(train_once, scaling_config=ScalingConfig(num_workers=1),
@@ -79,16 +82,19 @@ def test_two_embedded_rays_at_once_each_find_their_own(tmp_path):
             log.close()
         outputs[me] = (process.returncode, Path(log.name).read_text())
 
-    addresses = set()
+    addresses, dashboards = set(), set()
     for me, (returncode, output) in outputs.items():
         assert returncode == 0, f"run {me} failed:\n{output[-6000:]}"
         assert "trained" in output.splitlines(), output[-6000:]
         assert "Found multiple active Ray instances" not in output, f"run {me}:\n{output[-6000:]}"
+        # the cleaner reads its own Ray's state through that Ray's own dashboard
+        assert "Failed to query Ray Train Controller actor state" not in output, f"run {me}:\n{output[-6000:]}"
+        dashboards.add(_printed(output, "dashboard"))
         address = _printed(output, "address")
         assert _printed(output, "worker RAY_ADDRESS") == address  # Ray's processes name their own Ray
         assert _printed(output, "driver RAY_ADDRESS") == "None"  # the driver's environment is as it was
         addresses.add(address)
-    assert len(addresses) == 2
+    assert len(addresses) == 2 and len(dashboards) == 2
 
 
 def _printed(output: str, name: str) -> str:

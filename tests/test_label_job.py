@@ -323,6 +323,47 @@ def test_job_killed_half_way_loses_no_stored_label_and_asks_only_for_the_rest(tm
     assert final == set(truth.values()) and stored_after_kill <= final
 
 
+@pytest.mark.slow
+def test_a_job_killed_half_way_loses_only_its_last_seconds_of_answers(tmp_path):
+    """400 images, 2 actors x 4 requests in flight, 1 s per answer: SIGKILLed after about 200 answers, the
+    re-run asks again only about images answered in the last seconds before the kill (each answer is in
+    the log within `flush_s` = 2 s of arriving), never a block's worth."""
+    from raydar.demo import make_demo_cells
+
+    folder = make_demo_cells(tmp_path / "images", n=400, size=64, seed=11)
+    latency = 1.0
+    with start_teacher(folder, latency_s=latency) as sim:
+        storage = StorageRoot(tmp_path / "store")
+        overrides = {"teacher.concurrency": 4, "teacher.actors": 2}
+        cmd = [sys.executable, "-m", "jobs.label", "--spec", "datasets/demo_cells.yaml", "--quiet",
+               "--storage", storage.uri, "--set", f"images.uri={folder}", "--set", "images.generate=null",
+               "--set", f"teacher.base_url={sim.base_url}",
+               *[arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]]
+        job = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        try:
+            while sum(e.time + latency <= time.time() for e in sim.log) < 200:
+                assert job.poll() is None, "the label job ended before it was killed"
+                assert time.monotonic() < deadline, "the label job did not get 200 answers in 240 s"
+                time.sleep(0.05)
+        finally:
+            os.killpg(job.pid, signal.SIGKILL)
+            killed_at = time.time()
+            job.wait()
+        answered = {e.image: e.time + latency for e in sim.log if e.time + latency <= killed_at}
+        in_flight = sum(e.time + latency > killed_at for e in sim.log)
+        sim.reset_log()
+        spec = demo_spec(folder, sim.base_url, **overrides)
+        result = label_images(spec, storage, progress=False)
+    asked_again = {e.image for e in sim.log} & set(answered)
+    late = {image: round(killed_at - at, 2) for image, at in answered.items() if image in asked_again}
+    # An answer in the log within 2 s of arriving (plus the time a part takes to write, and the kill's own).
+    assert all(age <= 2.5 for age in late.values()), late
+    assert len(asked_again) <= 2.5 * 8, (len(asked_again), in_flight)  # 2 actors x 4 in flight: 8 answers a second
+    assert len(answered) >= 190 and result.ok_total == 400
+
+
 class _ThrottledFilesystemSimulator:
     """Stands in for an object store that throttles (S3's SLOW_DOWN, which moto does not produce): the
     first `fail` opens of each file raise `error`, then the real local file is read."""

@@ -56,6 +56,18 @@ def test_the_pipeline_runs_end_to_end_and_skips_what_is_unchanged(ray_local, ima
         assert evaluation["report"].startswith(report_dir)
         for member, value in evaluation["headline"].items():
             assert metrics["headline"][member] == pytest.approx(value, abs=1e-4)
+        # The run's best checkpoint is the dataset's `train/latest`, the name serving configs use.
+        from raydar.checkpoint import local_checkpoint
+
+        latest = storage.child(spec.name).read_bytes("train", "latest").decode().strip()
+        assert latest == first.outputs["finetune"]["checkpoint"]
+        assert local_checkpoint(storage.child(spec.name).uri_of("train", "latest")) == local_checkpoint(latest)
+        # Every member's per-image answers are kept beside the report, one row per image and member.
+        import pyarrow.parquet as pq
+
+        kept = pq.read_table(tmp_path / "store" / spec.name / "report" / "predictions.parquet")
+        assert set(kept["member"].to_pylist()) == set(evaluation["headline"])
+        assert kept.num_rows == evaluation["images"] * len(evaluation["headline"])
         # The endpoint is up and answers with the token, and refuses without it.
         image = next(image_folder.glob("*.png")).read_bytes()
         answer = httpx.post(f"{first.endpoint}/v1/detect", files={"image": ("x.png", image)},

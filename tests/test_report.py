@@ -169,3 +169,75 @@ def test_a_bad_evaluation_is_refused_with_what_was_expected(tmp_path):
     with pytest.raises(ValueError, match="before_after"):
         write_report(tmp_path, spec, Evaluation(truths=[truth], members={"base": MemberEvaluation([truth])},
                                                 before_after=("base", "finetuned")))
+
+
+def test_the_reports_numbers_can_be_recomputed_from_its_per_image_predictions(tmp_path, demo_folder):
+    """predictions.parquet holds every member's answer per image: F1 recomputed with scipy's Hungarian matching
+    and mAP recomputed with pycocotools from it equal the report's."""
+    import pyarrow.parquet as pq
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from scipy.optimize import linear_sum_assignment
+
+    from cluster import StorageRoot
+    from raydar.evaluation import write_report_to
+
+    # points: the demo's cells, a member that misses one and invents one per image
+    spec = load_spec(REPO / "datasets" / "demo_cells.yaml")
+    records = read_ground_truth(demo_folder)[:6]
+    truths = [r["label"] for r in records]
+    guessed = [{"points": t["points"][1:] + [{"label": "implicit", "x": 0.9, "y": 0.1}]} for t in truths]
+    sizes = [(r["width"], r["height"]) for r in records]
+    evaluation = Evaluation(truths=truths, members={"finetuned": MemberEvaluation(guessed[:-1] + [None])},
+                            image_ids=[r["image_id"] for r in records], sizes=sizes)
+    write_report_to(StorageRoot(str(tmp_path / "points")), spec, evaluation)
+    rows = pq.read_table(tmp_path / "points" / "predictions.parquet").to_pylist()
+    assert len(rows) == 6 and rows[-1]["prediction"] is None and rows[0]["image_id"] == records[0]["image_id"]
+    tp = fp = fn = 0
+    for row in rows:
+        pred = json.loads(row["prediction"])["points"] if row["prediction"] else []
+        true = json.loads(row["truth"])["points"]
+        radius = spec.task.match_radius * np.hypot(row["width"], row["height"])
+        for cls in spec.task.ontology:
+            p = np.array([[q["x"] * row["width"], q["y"] * row["height"]] for q in pred if q["label"] == cls])
+            t = np.array([[q["x"] * row["width"], q["y"] * row["height"]] for q in true if q["label"] == cls])
+            matched = 0
+            if len(p) and len(t):
+                cost = np.linalg.norm(p[:, None] - t[None], axis=-1)
+                r, c = linear_sum_assignment(np.where(cost <= radius, cost, 1e9))
+                matched = int(sum(cost[i, j] <= radius for i, j in zip(r, c)))
+            tp, fp, fn = tp + matched, fp + len(p) - matched, fn + len(t) - matched
+    report = json.loads((tmp_path / "points" / "metrics.json").read_text())
+    assert report["members"]["finetuned"]["overall"]["f1"] == round(2 * tp / (2 * tp + fp + fn), 4)
+
+    # boxes: mAP by pycocotools from the file
+    spec = load_spec(REPO / "datasets" / "object_annotation.yaml")
+    rng = np.random.default_rng(3)
+    first = list(spec.task.ontology)[0]
+    truths = [{"objects": [{"label": first, "box": [0.1, 0.1, 0.5, 0.6]}]} for _ in range(5)]
+    preds = [{"objects": [{"label": first, "box": [0.1 + rng.uniform(0, 0.1), 0.1, 0.5, 0.6],
+                           "score": float(rng.random())}]} for _ in range(5)]
+    write_report_to(StorageRoot(str(tmp_path / "boxes")), spec,
+                    Evaluation(truths=truths, members={"finetuned": MemberEvaluation(preds)}))
+    rows = pq.read_table(tmp_path / "boxes" / "predictions.parquet").to_pylist()
+    images, annotations, detections = [], [], []
+    for i, row in enumerate(rows):
+        images.append({"id": i + 1, "width": 1000, "height": 1000})
+        for o in json.loads(row["truth"])["objects"]:
+            x1, y1, x2, y2 = (v * 1000 for v in o["box"])
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        for o in json.loads(row["prediction"])["objects"]:
+            x1, y1, x2, y2 = (v * 1000 for v in o["box"])
+            detections.append({"image_id": i + 1, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                               "score": o["score"]})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": first}]}
+    gt.createIndex()
+    cocoeval = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
+    cocoeval.evaluate()
+    cocoeval.accumulate()
+    cocoeval.summarize()
+    report = json.loads((tmp_path / "boxes" / "metrics.json").read_text())
+    assert report["members"]["finetuned"]["map"] == round(float(cocoeval.stats[0]), 4)
+    assert report["members"]["finetuned"]["map50"] == round(float(cocoeval.stats[1]), 4)

@@ -284,6 +284,7 @@ def test_every_bad_input_gets_its_status_and_the_replicas_stay_healthy(served):
         ("a url field", 400, "URLs are not fetched", dict(json={"url": "https://example.com/cell.png"})),
         ("multipart without image", 400, "file field `image`", dict(files={"picture": ("a.png", good)})),
         ("unknown adapter", 404, "no adapter 'v9'", dict(files={"image": ("a.png", good)}, params={"adapter": "v9"})),
+        ("empty image body", 400, "empty body", dict(content=b"", headers={"Content-Type": "image/png"})),
     ]
     with served.client() as client:
         for name, status, reason, request in cases:
@@ -314,6 +315,12 @@ def test_feedback_rows_are_logged_and_become_training_data(served):
         assert response.json()["training_samples"] >= 3
         unknown = client.post("/v1/feedback", json={"image_id": "0" * 64, "label": truth})
         assert unknown.status_code == 404 and "send it in `image`" in unknown.text
+        made_up = client.post("/v1/feedback", json={"image_id": corrected["image_id"], "label": truth,
+                                                    "request_id": "f" * 32})
+        assert made_up.status_code == 404 and made_up.json()["error"]["code"] == "unknown_request"
+        another = client.post("/v1/feedback", json={"image_id": corrected["image_id"], "label": truth,
+                                                   "request_id": answers[1]["request_id"]})
+        assert another.status_code == 400 and "another image" in another.text
     log = FeedbackLog(served.storage.child("demo_cells", "feedback"))
     deadline = time.monotonic() + 10
     while {a["request_id"] for a in answers} - set(log.read()["request_id"].to_pylist()):
