@@ -47,7 +47,7 @@ def build_app(args: dict) -> Application:
     settings = config.model_dump(include={
         "token_env", "token_file", "max_request_bytes", "max_image_pixels", "image_formats", "request_timeout_s",
         "member_timeout_s", "adapter_registry_max_age_s", "models_registry_wait_s", "ready_probe_timeout_s",
-        "feedback_counts_max_age_s", "public_docs", "feedback"})
+        "member_probe_interval_s", "feedback_counts_max_age_s", "public_docs", "feedback"})
     return EnsembleIngress.options(**_options(config.ingress, config)).bind(spec_data, str(storage), settings, **handles)
 
 
@@ -57,5 +57,21 @@ def _options(limits: DeploymentLimits, config: ServeArgs) -> dict:
         "max_ongoing_requests": limits.max_ongoing_requests,
         "max_queued_requests": limits.max_queued_requests,
         "ray_actor_options": {"num_cpus": limits.num_cpus, "num_gpus": limits.num_gpus},
-        "max_surge_percent": config.max_surge_percent,
+        "max_surge_percent": surge_that_fits(limits, config.max_surge_percent),
     }
+
+
+def surge_that_fits(limits: DeploymentLimits, max_surge_percent: int) -> int:
+    """`max_surge_percent` when the cluster has room now for that many extra replicas of the deployment, else
+    0: a rolling restart that waits for room no autoscaler will make would never end, so without room the
+    replicas are replaced in place (the member is briefly out of the ensemble, whose answers are degraded)."""
+    import math
+
+    import ray
+
+    if not ray.is_initialized() or not max_surge_percent:
+        return max_surge_percent
+    extra = math.ceil(limits.replicas * max_surge_percent / 100)
+    free = ray.available_resources()
+    need = {"CPU": extra * limits.num_cpus, "GPU": extra * limits.num_gpus}
+    return max_surge_percent if all(free.get(name, 0.0) >= amount for name, amount in need.items() if amount) else 0

@@ -74,6 +74,10 @@ class ServeArgs(_Args):
         "knows one (the one known stands in after that); with none known it waits member_timeout_s.")
     ready_probe_timeout_s: float = Field(default=2.0, gt=0, description="/readyz: a member that does not answer a "
                                          "cheap call within this is not ready.")
+    member_probe_interval_s: float = Field(
+        default=0.5, gt=0, description="A member whose replica died is left out of answers at once (they are "
+        "degraded, not kept waiting for its replacement) and asked a cheap call this often, each waiting up to "
+        "ready_probe_timeout_s, until it answers again.")
     feedback_counts_max_age_s: float = Field(
         default=5.0, gt=0, description="/v1/stats re-reads the feedback log's counts (every replica's rows) at "
         "most this often; lower is fresher and reads storage more.")

@@ -4,7 +4,9 @@
 count from the header before decoding), asks the members through their handles with a timeout each,
 fuses their labels (`raydar.fusion`), logs the request for the feedback loop (`raydar.feedback`) and
 answers. A member that fails or times out makes the answer *degraded* (it says which and why); the
-request still succeeds. The routes and the bearer token check are in serving/api.py.
+request still succeeds. A member whose replica died is left out at once until its replacement answers
+(`MemberHealth`), so no request waits for the replacement. The routes and the bearer token check are in
+serving/api.py.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class EnsembleIngress:
         self.stats = ReplicaStats(list(self.members))
         self.registry = AdapterRegistry(finetuned, max_age_s=settings["adapter_registry_max_age_s"]) \
             if finetuned else None
+        self.health = MemberHealth({name: self._probe_call(name) for name in self.members},
+                                   interval_s=settings["member_probe_interval_s"],
+                                   timeout_s=settings["ready_probe_timeout_s"])
         self._handles: dict[str, Any] = {}
         self._counts: tuple[float, dict] = (0.0, {})
 
@@ -169,7 +174,7 @@ class EnsembleIngress:
             raise ApiError(404, "unknown_adapter", "this endpoint serves no fine-tuned member")
         start = time.perf_counter()
         timeout = self.settings["member_timeout_s"]
-        rag = asyncio.ensure_future(self._ask(self.members["rag"].detect.remote(payload), timeout)) \
+        rag = asyncio.ensure_future(self._ask("rag", lambda: self.members["rag"].detect.remote(payload), timeout)) \
             if "rag" in self.members else None
         results = {}
         if "finetuned" in self.members:
@@ -184,6 +189,8 @@ class EnsembleIngress:
         return results
 
     async def _ask_student(self, payload: bytes, adapter: str | None, timeout: float, start: float) -> MemberResult:
+        if self.health.is_down("finetuned"):
+            return self.health.left_out("finetuned", start)
         try:
             adapter_name, uri = await self.registry.adapter_uri(adapter, timeout)
         except ApiError:
@@ -192,7 +199,7 @@ class EnsembleIngress:
             status = "timeout" if isinstance(e, asyncio.TimeoutError) else "failed"
             return MemberResult(status=status, error=f"adapter registry: {_reason(e, timeout)}", latency_ms=_ms(start))
         left = max(timeout - (time.perf_counter() - start), 0.001)
-        result = await self._ask(self._adapter_handle(uri).detect.remote(payload), left, start)
+        result = await self._ask("finetuned", lambda: self._adapter_handle(uri).detect.remote(payload), left, start)
         result.adapter = adapter_name
         return result
 
@@ -202,10 +209,16 @@ class EnsembleIngress:
             self._handles[uri] = self.members["finetuned"].options(multiplexed_model_id=uri)
         return self._handles[uri]
 
-    async def _ask(self, response, timeout: float, start: float | None = None) -> MemberResult:
+    async def _ask(self, name: str, call, timeout: float, start: float | None = None) -> MemberResult:
+        """Member `name`'s answer to `call()` (a handle call) within `timeout`; at once a failed result when the
+        member is known to have no live replica."""
         from ray.serve.exceptions import BackPressureError
 
         start = time.perf_counter() if start is None else start
+        if self.health.is_down(name):
+            return self.health.left_out(name, start)
+        response = call()
+        self.health.waiting[name].add(response)
         try:
             out = await await_or_cancel(response, timeout)
         except asyncio.TimeoutError as e:
@@ -214,7 +227,13 @@ class EnsembleIngress:
         except BackPressureError:
             return MemberResult(status="failed", error="overloaded: its queue is full", latency_ms=_ms(start))
         except Exception as e:  # a dead replica, the VLM failing, a bug: the member is left out, the request goes on
+            if replica_unavailable(e):
+                self.health.mark_down(name)
+            if self.health.is_down(name):
+                return self.health.left_out(name, start)
             return MemberResult(status="failed", error=_reason(e), latency_ms=_ms(start))
+        finally:
+            self.health.waiting[name].discard(response)
         status = "ok" if out.get("label") is not None else "failed"
         return MemberResult(status=status, label=out.get("label"), score=out.get("score"), error=out.get("error"),
                             latency_ms=_ms(start), model=out.get("model"), adapter_version=out.get("adapter_version"),
@@ -354,14 +373,18 @@ class EnsembleIngress:
                 "score_threshold": self.spec.serving.score_threshold,
                 "classes": list(getattr(self.spec.task, "ontology", {})) or list(getattr(self.spec.task, "targets", {}))}
 
+    def _probe_call(self, name: str):
+        """A cheap call of member `name` (its registry or its description), made when called."""
+        handle = self.members[name]
+        return handle.adapters.remote if name == "finetuned" else handle.describe.remote
+
     async def ready(self) -> tuple[bool, dict]:
         """Every member answers a cheap call within ready_probe_timeout_s (Serve routes only to live replicas)."""
         timeout = self.settings["ready_probe_timeout_s"]
 
         async def probe(name: str) -> str:
-            call = self.members[name].adapters.remote() if name == "finetuned" else self.members[name].describe.remote()
             try:
-                await await_or_cancel(call, timeout)
+                await await_or_cancel(self._probe_call(name)(), timeout)
                 return "ready"
             except Exception as e:
                 return f"not ready: {_reason(e, timeout)}"
@@ -545,6 +568,51 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
+class MemberHealth:
+    """Which members have a live replica, as this ingress saw last. A member whose replica died
+    (`mark_down`) is left out of answers at once, and the calls still waiting on it are cancelled, instead of
+    every request waiting for the replacement; a probe (`probes[name]()`, a cheap handle call) is sent every
+    `interval_s` until the member answers one, and from then on it is asked again."""
+
+    def __init__(self, probes: dict, *, interval_s: float, timeout_s: float) -> None:
+        self.probes, self.interval_s, self.timeout_s = probes, interval_s, timeout_s
+        self.down: dict[str, float] = {}  # member -> when it was seen without a live replica
+        self.waiting: dict[str, set] = collections.defaultdict(set)  # member -> its calls in flight
+        self._probing: dict[str, asyncio.Task] = {}
+
+    def is_down(self, name: str) -> bool:
+        return name in self.down
+
+    def mark_down(self, name: str) -> None:
+        if name in self.down:
+            return
+        self.down[name] = time.monotonic()
+        for response in list(self.waiting[name]):
+            response.cancel()
+        self._probing[name] = asyncio.ensure_future(self._probe_until_up(name))
+
+    def left_out(self, name: str, start: float) -> MemberResult:
+        since = time.monotonic() - self.down.get(name, time.monotonic())
+        return MemberResult(status="failed", error=f"replica unavailable: left out while its replacement starts "
+                            f"({since:.1f} s so far)", latency_ms=_ms(start))
+
+    async def _probe_until_up(self, name: str) -> None:
+        while True:
+            try:
+                await await_or_cancel(self.probes[name](), self.timeout_s)
+                break
+            except Exception:  # noqa: BLE001 - not up yet, whatever the reason
+                await asyncio.sleep(self.interval_s)
+        self.down.pop(name, None)
+
+
+def replica_unavailable(error: Exception) -> bool:
+    """Whether a member's call failed because its replica is dead or unreachable (not the member's own error)."""
+    cause = getattr(error, "cause", None) or error
+    name, text = type(cause).__name__, str(cause)[:200]
+    return "ActorDied" in name or "Unavailable" in name or "ActorDied" in text
+
+
 def _reason(error: Exception, timeout: float | None = None) -> str:
     """One line on why a member failed: the original exception of a Ray task error, not its traceback;
     "no answer within `timeout` s" for a call that took longer."""
@@ -553,6 +621,6 @@ def _reason(error: Exception, timeout: float | None = None) -> str:
     cause = getattr(error, "cause", None) or error
     text = " ".join(str(cause).split()) or type(cause).__name__
     name = type(cause).__name__
-    if "ActorDied" in name or "Unavailable" in name or "ActorDied" in text[:200]:
+    if replica_unavailable(error):
         return f"replica unavailable ({name})"
     return f"{name}: {text[:300]}"
